@@ -1,0 +1,1 @@
+"""Host-independent math (numpy/torch): written once, used by every backend."""

@@ -1,0 +1,1 @@
+"""PolicyBackend implementations: `bandit` (torch MLP) and `openrlhf` (causal LMs)."""

@@ -1,0 +1,218 @@
+"""The `openrlhf` / `emdpo` command line.
+
+Each subcommand is a small `add_<name>(subparsers)` function registered in `COMMANDS` (and
+`DATA_COMMANDS` for `data ...`), so adding `export`, `serve` or `data build` is one function
+plus one dict entry. User errors (`EmdpoError`) print as one `error: ...` line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import yaml
+
+from . import __version__, registry
+from .errors import EmdpoError
+
+AddCommand = Callable[[Any], argparse.ArgumentParser]
+
+
+# --- run -----------------------------------------------------------------------------------
+
+
+def add_run(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("run", help="run a recipe's stages", description="Run a YAML recipe, stage by stage.")
+    p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file")
+    p.add_argument("--output-dir", "-o", metavar="DIR", help="run folder (default: the recipe's output_dir)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set stages.em.config.K=3 (repeatable; VALUE is YAML)",
+    )
+    p.add_argument("--resume", action="store_true", help="skip stages already done with the same config")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the plan; run nothing")
+    p.set_defaults(func=cmd_run)
+    return p
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .recipe.loader import load_recipe
+    from .recipe.schema import validate_recipe
+
+    raw = load_recipe(args.recipe, args.overrides)
+    plan = validate_recipe(raw, source=str(args.recipe))
+    output_dir = args.output_dir or raw.get("output_dir")
+    if args.dry_run:
+        print(format_plan(plan, output_dir))
+        return 0
+    if not output_dir:
+        raise EmdpoError(f"{args.recipe}: output_dir: not set; add it to the recipe or pass --output-dir")
+    from .recipe.runner import run_plan
+
+    run_plan(plan, output_dir, resume=args.resume)
+    return 0
+
+
+def format_plan(plan: Any, output_dir: str | None) -> str:
+    """The plan as YAML: every stage with its trainer, inputs and full config (defaults included)."""
+    doc = {
+        "recipe": plan.name,
+        "source": plan.source,
+        "seed": plan.seed,
+        "output_dir": output_dir,
+        "model": plan.recipe.get("model") or {},
+        "data": plan.recipe.get("data") or {},
+        "stages": [
+            {
+                "name": ps.spec.name,
+                "trainer": ps.spec.trainer,
+                "inputs": dict(ps.spec.inputs),
+                "config": ps.config.model_dump(mode="json"),
+            }
+            for ps in plan.stages
+        ],
+    }
+    header = f"# dry run: {len(plan.stages)} stage(s) validated; nothing was run or written"
+    return header + "\n" + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True).rstrip()
+
+
+# --- trainers ------------------------------------------------------------------------------
+
+
+def add_trainers(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("trainers", help="list trainer types and their config fields")
+    p.add_argument("names", nargs="*", metavar="TRAINER", help="only these (registered names or module:Class)")
+    p.set_defaults(func=cmd_trainers)
+    return p
+
+
+def cmd_trainers(args: argparse.Namespace) -> int:
+    from .recipe.schema import load_trainer
+
+    names = args.names or registry.names(registry.TRAINERS)
+    if not names:
+        print("no trainers registered")
+        return 0
+    blocks = []
+    for name in names:
+        try:
+            trainer = load_trainer(name)
+        except EmdpoError as exc:
+            if args.names:  # asked for by name: a real error
+                raise
+            blocks.append(f"{name}\n  (cannot load: {exc})")
+            continue
+        blocks.append(describe_trainer(name, trainer))
+    print("\n\n".join(blocks))
+    return 0
+
+
+def describe_trainer(name: str, trainer: type) -> str:
+    """Plain-text description: inputs and every config field with type and default."""
+    lines = [f"{name}  {(getattr(trainer, 'description', '') or '').strip()}".rstrip()]
+    slots = dict(getattr(trainer, "input_slots", {}) or {})
+    required = set(getattr(trainer, "required_inputs", ()) or ())
+    if slots:
+        lines.append("  inputs:")
+        for slot, what in slots.items():
+            need = "required" if slot in required else "optional"
+            lines.append(f"    {slot} ({need}){': ' + what if what else ''}")
+    else:
+        lines.append("  inputs: none")
+    fields = trainer.Config.model_fields
+    if fields:
+        lines.append("  config:")
+        for fname, info in fields.items():
+            default = "required" if info.is_required() else f"= {info.get_default(call_default_factory=True)!r}"
+            desc = f"  # {info.description}" if info.description else ""
+            lines.append(f"    {fname}: {_type_name(info.annotation)} {default}{desc}")
+    else:
+        lines.append("  config: none")
+    return "\n".join(lines)
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type) and not getattr(annotation, "__args__", None):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+# --- data ----------------------------------------------------------------------------------
+
+
+def add_data_validate(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("validate", help="check a dataset (file or folder) against format v1")
+    p.add_argument("path", metavar="PATH")
+    p.set_defaults(func=cmd_data_validate)
+    return p
+
+
+def cmd_data_validate(args: argparse.Namespace) -> int:
+    from .data.validate import validate_path
+
+    report = validate_path(args.path)
+    print(report.summary())
+    return 0
+
+
+DATA_COMMANDS: dict[str, AddCommand] = {
+    "validate": add_data_validate,
+}
+
+
+def add_data(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("data", help="dataset tools")
+    sub = p.add_subparsers(dest="data_command", metavar="{" + ",".join(DATA_COMMANDS) + "}")
+    for add in DATA_COMMANDS.values():
+        add(sub)
+    p.set_defaults(func=lambda args: _missing_subcommand(p))
+    return p
+
+
+# --- parser --------------------------------------------------------------------------------
+
+COMMANDS: dict[str, AddCommand] = {
+    "run": add_run,
+    "trainers": add_trainers,
+    "data": add_data,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "openrlhf",
+        description="EM-DPO, Cluster-DPO and MinMax-DPO for heterogeneous annotators (OpenRLHF plugin).",
+    )
+    parser.add_argument("--version", action="version", version=f"emdpo_plugin {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
+    for add in COMMANDS.values():
+        add(sub)
+    parser.set_defaults(func=lambda args: _missing_subcommand(parser))
+    return parser
+
+
+def _missing_subcommand(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console scripts; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    try:
+        return int(args.func(args) or 0)
+    except EmdpoError as exc:
+        message = re.sub(r"\s*\n\s*", " ", str(exc).strip()) or type(exc).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

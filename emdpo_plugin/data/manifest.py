@@ -1,0 +1,144 @@
+"""manifest.json for dataset folders: what built the data, how much there is, and a hash.
+
+The counts and content hash let `validate` and `load_dataset_dir` detect a manifest that no
+longer describes its files (a hand-edited row, a truncated copy).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from emdpo_plugin import __version__
+from emdpo_plugin.data.io import write_jsonl
+from emdpo_plugin.data.schema import FORMAT_VERSION, Comparison
+from emdpo_plugin.errors import DataError
+
+MANIFEST_NAME = "manifest.json"
+_RESERVED = ("format", "builder", "counts", "labels", "content_hash", "created_by")
+
+
+def content_hash(train: list[Comparison], test: list[Comparison] | None) -> str:
+    """sha256 of the canonical JSON of all rows; order-sensitive, and train/test-aware."""
+    payload = {
+        "train": [_canonical(r) for r in train],
+        "test": None if test is None else [_canonical(r) for r in test],
+    }
+    text = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _canonical(row: Comparison) -> dict:
+    rec = row.to_record()
+    rec["ranking"] = [int(i) for i in rec["ranking"]]
+    return rec
+
+
+def compute_counts(train: list[Comparison], test: list[Comparison] | None) -> dict:
+    """Annotators over both splits, comparisons per split, and annotators per ground-truth group."""
+    rows = list(train) + list(test or [])
+    by_group: dict[str, set[str]] = {}
+    for r in rows:
+        if r.group is not None:
+            by_group.setdefault(r.group, set()).add(r.annotator_id)
+    return {
+        "annotators": len({r.annotator_id for r in rows}),
+        "comparisons": {"train": len(train), "test": len(test or [])},
+        "groups": {g: len(a) for g, a in sorted(by_group.items())},
+    }
+
+
+def build_manifest(
+    train: list[Comparison],
+    test: list[Comparison] | None,
+    *,
+    builder: str,
+    config: dict,
+    labels: dict | None = None,
+    extra: dict | None = None,
+) -> dict:
+    """The manifest for a dataset folder; `extra` keys are merged at the top level."""
+    manifest: dict[str, Any] = {
+        "format": FORMAT_VERSION,
+        "builder": {"name": builder, "config": dict(config)},
+        "counts": compute_counts(train, test),
+        "labels": dict(labels or {}),
+        "content_hash": content_hash(train, test),
+        "created_by": f"emdpo_plugin {__version__}",
+    }
+    clash = sorted(set(extra or {}) & set(_RESERVED))
+    if clash:
+        raise ValueError(f"build_manifest: extra keys {clash} would overwrite reserved manifest keys")
+    manifest.update(extra or {})
+    return manifest
+
+
+def write_manifest(folder: str | Path, manifest: dict) -> Path:
+    """Write manifest.json (sorted keys, indent 2) so diffs between builds stay readable."""
+    path = Path(folder) / MANIFEST_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(manifest, sort_keys=True, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def read_manifest(folder: str | Path) -> dict:
+    """Parse manifest.json; a missing or malformed file is a DataError naming it."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        raise DataError(f"{path}: no such file (a dataset folder needs {MANIFEST_NAME})")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: expected a JSON object, found {type(manifest).__name__}")
+    return manifest
+
+
+def write_dataset_dir(
+    folder: str | Path, train: list[Comparison], test: list[Comparison] | None, manifest: dict
+) -> Path:
+    """Write train.jsonl, test.jsonl (when test is given) and manifest.json."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_jsonl(train, folder / "train.jsonl")
+    if test is not None:
+        write_jsonl(test, folder / "test.jsonl")
+    write_manifest(folder, manifest)
+    return folder
+
+
+def _lookup(manifest: dict, dotted: str, path: Path) -> Any:
+    node: Any = manifest
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise DataError(f"{path}: field '{dotted}': required field missing")
+        node = node[part]
+    return node
+
+
+def check_manifest(path: Path, manifest: dict, train: list[Comparison], test: list[Comparison] | None) -> None:
+    """Raise DataError on the first way the manifest disagrees with the rows it describes."""
+    fmt = _lookup(manifest, "format", path)
+    if fmt != FORMAT_VERSION:
+        raise DataError(f"{path}: field 'format': expected {FORMAT_VERSION!r}, found {fmt!r}")
+    actual = compute_counts(train, test)
+    checks = {
+        "counts.comparisons.train": actual["comparisons"]["train"],
+        "counts.comparisons.test": actual["comparisons"]["test"],
+        "counts.annotators": actual["annotators"],
+        "counts.groups": actual["groups"],
+    }
+    for dotted, expected in checks.items():
+        found = _lookup(manifest, dotted, path)
+        if found != expected:
+            raise DataError(f"{path}: field '{dotted}': expected {expected!r} (from the data files), found {found!r}")
+    if "content_hash" in manifest:
+        expected_hash = content_hash(train, test)
+        if manifest["content_hash"] != expected_hash:
+            raise DataError(
+                f"{path}: field 'content_hash': expected {expected_hash} (from the data files), "
+                f"found {manifest['content_hash']!r}; the files changed after the manifest was written"
+            )

@@ -1,0 +1,1 @@
+"""Per-group evaluation, metrics.json, plots and report.md."""

@@ -1,0 +1,1 @@
+"""Recipes: YAML loading (safe), `extends`, `--set` overrides, validation, the stage runner."""

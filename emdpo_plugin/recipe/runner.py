@@ -1,0 +1,144 @@
+"""Stage runner: runs a validated `Plan` in order, recording each stage in run.json.
+
+Resume rule: stages already done with an unchanged config hash are skipped, up to the first
+changed or unfinished stage; that one and everything after it re-run, because later stages
+consume earlier outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.console import Console
+from rich.markup import escape
+
+from .. import registry
+from ..errors import EmdpoError, RecipeError
+from ..trainers.base import StageContext
+from .schema import Plan, PlannedStage
+from .state import RunState, config_hash, save_resolved_recipe
+
+BackendFactory = Callable[[dict[str, Any]], Any]
+
+
+def default_backend_factory(recipe: dict[str, Any]) -> Any:
+    """Build the PolicyBackend named by `model.backend` (default 'bandit') from the `model` section."""
+    model = dict(recipe.get("model") or {})
+    name = model.pop("backend", "bandit")
+    try:
+        cls = registry.get(registry.POLICY_BACKENDS, name)
+    except EmdpoError as exc:
+        raise RecipeError(f"model.backend: {exc}") from None
+    return cls(copy.deepcopy(model), seed=recipe.get("seed", 0))
+
+
+def stage_hash(plan: Plan, stage: PlannedStage) -> str:
+    """What decides whether a done stage can be reused: its trainer, config (with defaults) and
+    inputs, plus the run-wide settings every stage depends on (seed, model, data)."""
+    return config_hash(
+        {
+            "trainer": stage.spec.trainer,
+            "config": stage.config.model_dump(mode="json"),
+            "inputs": stage.spec.inputs,
+            "seed": plan.seed,
+            "model": plan.recipe.get("model") or {},
+            "data": plan.recipe.get("data") or {},
+        }
+    )
+
+
+def run_plan(
+    plan: Plan,
+    output_dir: str | Path,
+    *,
+    resume: bool = False,
+    backend_factory: BackendFactory = default_backend_factory,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Run every stage of `plan` under `output_dir`; returns the final run.json contents.
+
+    A failing stage is recorded as failed (with its error) and the exception propagates.
+    """
+    console = console or Console(highlight=False)
+    run_dir = Path(output_dir)
+    previous = RunState.load(run_dir)
+    if previous is not None and not resume and previous.done_stages():
+        raise EmdpoError(
+            f"{run_dir} already holds a run with finished stages ({', '.join(previous.done_stages())}); "
+            "pass --resume to continue it, or choose another --output-dir"
+        )
+
+    hashes = {ps.spec.name: stage_hash(plan, ps) for ps in plan.stages}
+    reuse: set[str] = set()
+    if resume and previous is not None:
+        for ps in plan.stages:
+            old = previous.stages.get(ps.spec.name) or {}
+            if old.get("status") != "done" or old.get("config_hash") != hashes[ps.spec.name]:
+                break
+            reuse.add(ps.spec.name)
+        state = previous
+        state.data.update(recipe=plan.name, recipe_path=plan.source, seed=plan.seed)
+    else:
+        state = RunState.new(run_dir, recipe=plan.name, recipe_path=plan.source, seed=plan.seed)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved_recipe(run_dir, plan.recipe)
+    state.set_plan([(ps.spec.name, ps.spec.trainer, hashes[ps.spec.name]) for ps in plan.stages], keep=reuse)
+
+    backend_cache: dict[str, Any] = {}
+
+    def shared_backend() -> Any:  # one backend per run, built on first use only
+        if "backend" not in backend_cache:
+            backend_cache["backend"] = backend_factory(plan.recipe)
+        return backend_cache["backend"]
+
+    for ps in plan.stages:
+        name = ps.spec.name
+        if name in reuse:
+            console.print(f"skip {escape(name)} (done)")
+            continue
+        inputs = {slot: dict(state.stages[src].get("outputs") or {}) for slot, src in ps.spec.inputs.items()}
+        ctx = StageContext(
+            run_dir=run_dir,
+            stage_name=name,
+            seed=plan.seed,
+            recipe=copy.deepcopy(plan.recipe),
+            _backend_factory=shared_backend,
+        )
+        console.print(f"[bold]start[/] {escape(name)} ({escape(ps.spec.trainer)})")
+        state.mark_running(name)
+        started = time.perf_counter()
+        try:
+            outputs = _checked_outputs(name, ps.trainer().run(ctx, ps.config, inputs))
+        except BaseException as exc:
+            seconds = time.perf_counter() - started
+            state.mark_failed(name, _error_text(exc), seconds)
+            console.print(f"[bold red]failed[/] {escape(name)} after {seconds:.1f}s: {escape(_error_text(exc))}")
+            raise
+        seconds = time.perf_counter() - started
+        state.mark_done(name, outputs, seconds)
+        console.print(f"[bold green]done[/] {escape(name)} in {seconds:.1f}s")
+    return state.data
+
+
+def _checked_outputs(stage: str, outputs: Any) -> dict[str, Any]:
+    """Outputs go into run.json and into later stages: they must be a JSON-able dict."""
+    if outputs is None:
+        return {}
+    if not isinstance(outputs, dict):
+        raise TypeError(f"stage {stage!r}: trainer returned {type(outputs).__name__}, expected a dict of outputs")
+    try:
+        return json.loads(json.dumps(outputs))
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"stage {stage!r}: outputs are not JSON-serialisable: {exc}") from exc
+
+
+def _error_text(exc: BaseException) -> str:
+    text = str(exc).strip().replace("\n", " ")
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

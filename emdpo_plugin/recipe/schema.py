@@ -1,0 +1,228 @@
+"""Recipe schema and plan validation: every mistake is found before any stage runs.
+
+`validate_recipe` resolves each stage's trainer through the registry, validates its config
+with the trainer's own pydantic `Config`, and checks the stage graph (inputs name earlier
+stages), so `--dry-run` and a real run fail on exactly the same things.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from pydantic import BaseModel, ConfigDict, StrictInt, ValidationError
+
+from .. import registry
+from ..errors import EmdpoError, RecipeError
+from ..trainers.base import StageConfig
+
+STAGE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+
+
+class StageSpec(BaseModel):
+    """One recipe stage as written: `trainer` is a registered name or `module:Class`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    trainer: str
+    inputs: dict[str, str] = {}
+    config: dict[str, Any] = {}
+
+
+class Recipe(BaseModel):
+    """A resolved recipe (after `extends` and `--set`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    seed: StrictInt = 0
+    output_dir: str | None = None
+    model: dict[str, Any] = {}
+    data: dict[str, Any] = {}
+    stages: list[StageSpec]
+
+
+class PlannedStage(NamedTuple):
+    spec: StageSpec
+    trainer: type  # the Trainer subclass
+    config: StageConfig
+
+
+@dataclass
+class Plan:
+    """A validated recipe: the resolved dict plus each stage's trainer class and config."""
+
+    recipe: dict[str, Any]
+    stages: list[PlannedStage] = field(default_factory=list)
+    source: str | None = None  # the recipe file, recorded in run.json
+
+    @property
+    def name(self) -> str:
+        return self.recipe["name"]
+
+    @property
+    def seed(self) -> int:
+        return self.recipe.get("seed", 0)
+
+
+def validate_recipe(raw: dict[str, Any], *, source: str | None = None) -> Plan:
+    """Validate a loaded recipe into a `Plan`; raises `RecipeError` (one line) on the first problem.
+
+    `source` (the recipe path) prefixes error messages and is recorded in the plan.
+    """
+    try:
+        return _validate(raw, source)
+    except RecipeError as exc:
+        if source is None:
+            raise
+        raise RecipeError(f"{source}: {exc}") from None
+
+
+def _validate(raw: dict[str, Any], source: str | None) -> Plan:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"expected a recipe mapping, got {type(raw).__name__}")
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(exc, "", stage_names=_stage_names(raw))) from None
+    if not recipe.stages:
+        raise RecipeError("stages: the recipe has no stages")
+
+    _check_backend(recipe.model)
+    planned: list[PlannedStage] = []
+    seen: list[str] = []
+    for spec in recipe.stages:
+        where = f"stages.{spec.name}"
+        if not STAGE_NAME.match(spec.name):
+            raise RecipeError(
+                f"{where}.name: {spec.name!r} is not a valid stage name (letters, digits, _ and -, not starting with a digit)"
+            )
+        if spec.name in seen:
+            raise RecipeError(f"{where}: duplicate stage name")
+        trainer = load_trainer(spec.trainer, where=f"{where}.trainer")
+        try:
+            config = trainer.Config.model_validate(spec.config)
+        except ValidationError as exc:
+            raise RecipeError(format_validation_error(exc, f"{where}.config", model=trainer.Config)) from None
+        _check_inputs(spec, trainer, seen, [s.name for s in recipe.stages])
+        planned.append(PlannedStage(spec, trainer, config))
+        seen.append(spec.name)
+    return Plan(recipe=raw, stages=planned, source=source)
+
+
+def load_trainer(ref: str, *, where: str = "") -> type:
+    """The trainer class for a registered name or `module:Class`, as a one-line RecipeError if not.
+
+    `where` (e.g. `stages.em.trainer`) prefixes the message.
+    """
+    prefix = f"{where}: " if where else ""
+    try:
+        obj = registry.get(registry.TRAINERS, ref)
+    except EmdpoError as exc:
+        raise RecipeError(f"{prefix}{exc}") from None
+    except Exception as exc:  # a broken plugin: say which, without a traceback
+        raise RecipeError(f"{prefix}cannot load trainer {ref!r}: {type(exc).__name__}: {exc}") from None
+    cfg = getattr(obj, "Config", None)
+    if not (isinstance(obj, type) and callable(getattr(obj, "run", None))
+            and isinstance(cfg, type) and issubclass(cfg, BaseModel)):
+        raise RecipeError(f"{prefix}{ref!r} is not a trainer (needs a `Config` pydantic model and `run`)")
+    return obj
+
+
+def _check_backend(model: dict[str, Any]) -> None:
+    """Name check only: the backend itself is built lazily, when a stage first needs it."""
+    backend = model.get("backend", "bandit")
+    if not isinstance(backend, str) or not backend:
+        raise RecipeError(f"model.backend: expected a backend name, got {backend!r}")
+    if ":" not in backend and backend not in registry.names(registry.POLICY_BACKENDS):
+        known = ", ".join(registry.names(registry.POLICY_BACKENDS)) or "none"
+        raise RecipeError(f"model.backend: unknown policy backend {backend!r} (registered: {known})")
+
+
+def _check_inputs(spec: StageSpec, trainer: type, earlier: list[str], all_names: list[str]) -> None:
+    slots: dict[str, str] = dict(getattr(trainer, "input_slots", {}) or {})
+    required = tuple(getattr(trainer, "required_inputs", ()) or ())
+    where = f"stages.{spec.name}.inputs"
+    for slot, source in spec.inputs.items():
+        if slot not in slots and "*" not in slots:  # "*": the trainer takes any slot name
+            have = f"slots: {', '.join(slots)}" if slots else "this trainer takes no inputs"
+            raise RecipeError(f"{where}.{slot}: unknown input slot ({have})")
+        if source not in earlier:
+            if source == spec.name:
+                why = "a stage cannot take its own outputs"
+            elif source in all_names:
+                why = f"stage {source!r} runs later"
+            else:
+                why = f"stages: {', '.join(all_names)}"
+            raise RecipeError(f"{where}.{slot}: no earlier stage named {source!r} ({why})")
+    for slot in required:
+        if slot not in spec.inputs:
+            what = f" ({slots[slot]})" if slots.get(slot) else ""
+            raise RecipeError(f"{where}.{slot}: required input missing{what}")
+
+
+def _stage_names(raw: Any) -> list[Any]:
+    stages = raw.get("stages") if isinstance(raw, dict) else None
+    if not isinstance(stages, list):
+        return []
+    return [s.get("name") if isinstance(s, dict) else None for s in stages]
+
+
+# --- pydantic errors as one line ----------------------------------------------------------
+
+_TYPE_NAMES = {
+    "int": "int", "float": "float", "bool": "bool", "string": "str", "str": "str",
+    "list": "list", "tuple": "list", "set": "list", "dict": "mapping", "model": "mapping",
+    "bytes": "bytes", "none": "null", "decimal": "number", "date": "date", "datetime": "datetime",
+}
+
+
+def format_validation_error(
+    exc: ValidationError,
+    prefix: str,
+    *,
+    model: type[BaseModel] | None = None,
+    stage_names: list[Any] | None = None,
+) -> str:
+    """Pydantic errors -> `prefix.dotted.key: reason[; ...]` on one line."""
+    lines = []
+    for err in exc.errors():
+        loc = list(err["loc"])
+        if stage_names and len(loc) >= 2 and loc[0] == "stages" and isinstance(loc[1], int):
+            name = stage_names[loc[1]] if loc[1] < len(stage_names) else None
+            loc[1] = name if isinstance(name, str) and name else f"[{loc[1]}]"
+        dotted = ".".join(str(p) for p in loc).replace(".[", "[")
+        key = ".".join(p for p in (prefix, dotted) if p) or "recipe"
+        lines.append(f"{key}: {_describe(err, model if len(loc) == 1 else None)}")
+    return "; ".join(lines)
+
+
+def _describe(err: dict[str, Any], model: type[BaseModel] | None) -> str:
+    kind: str = err["type"]
+    got = _short(err.get("input"))
+    if kind == "extra_forbidden":
+        if model is not None:
+            return f"unknown key (fields: {', '.join(model.model_fields) or 'none'})"
+        return "unknown key"
+    if kind == "missing":
+        return "required key missing"
+    if kind == "int_from_float":
+        return f"expected int, got {got}"
+    base, _, suffix = kind.rpartition("_")
+    if suffix in ("type", "parsing") and base in _TYPE_NAMES:
+        return f"expected {_TYPE_NAMES[base]}, got {got}"
+    if kind == "literal_error":
+        return f"expected one of {err.get('ctx', {}).get('expected', '?')}, got {got}"
+    msg = str(err.get("msg", kind)).replace("\n", " ")
+    if msg.startswith("Value error, "):
+        return msg[len("Value error, "):]
+    if msg.startswith("Input should be "):
+        return f"expected {msg[len('Input should be '):]}, got {got}"
+    return f"{msg[:1].lower()}{msg[1:]}, got {got}"
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,1 @@
+"""Trainer types (recipe stages). Each algorithm loop is written once against PolicyBackend."""

@@ -1,0 +1,60 @@
+"""The stage contract every trainer type implements (built-in or from a plugin).
+
+A recipe stage `{name, trainer, inputs, config}` becomes `Trainer().run(ctx, config, inputs)`:
+`config` is an instance of the trainer's pydantic `Config` (unknown keys rejected), `inputs`
+maps each input slot to the outputs an earlier stage recorded in run.json. `run` writes its
+files under `ctx.out_dir` and returns a JSON-serialisable dict, recorded as the stage's outputs.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..config import StrictModel
+
+
+class StageConfig(StrictModel):
+    """Base for per-trainer config schemas: unknown keys are errors, not silently ignored."""
+
+
+@dataclass
+class StageContext:
+    """What a stage may use besides its config and inputs."""
+
+    run_dir: Path
+    stage_name: str
+    seed: int
+    recipe: dict[str, Any]  # the fully resolved recipe (after extends and --set)
+    _backend: Any = field(default=None, repr=False)
+    _backend_factory: Any = field(default=None, repr=False)
+
+    @property
+    def out_dir(self) -> Path:
+        path = self.run_dir / self.stage_name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def backend(self):
+        """The run's PolicyBackend, created once from the recipe's `model` section."""
+        if self._backend is None:
+            self._backend = self._backend_factory()
+        return self._backend
+
+
+class Trainer(ABC):
+    """A trainer type. Subclasses set `name`, `Config`, `input_slots` and implement `run`."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    Config: ClassVar[type[StageConfig]] = StageConfig
+    # input slot -> what it expects; recipe `inputs` keys must be among these ("*": any name)
+    input_slots: ClassVar[dict[str, str]] = {}
+    required_inputs: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def run(self, ctx: StageContext, config: StageConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Run the stage; return its outputs (JSON-serialisable)."""

@@ -1,0 +1,32 @@
+"""Helpers shared by stages: resolving earlier stages' outputs into datasets and policies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..data.io import DatasetDir, load_dataset_dir
+from ..errors import RecipeError
+from .base import StageContext
+
+
+def run_path(ctx: StageContext, rel: str) -> Path:
+    """Stage outputs record paths relative to the run directory, so runs can be moved."""
+    return ctx.run_dir / rel
+
+
+def rel_path(ctx: StageContext, path: Path) -> str:
+    return str(path.relative_to(ctx.run_dir))
+
+
+def dataset_from(ctx: StageContext, outputs: dict[str, Any], slot: str = "dataset") -> DatasetDir:
+    if "dir" not in outputs or "manifest" not in outputs:
+        raise RecipeError(f"stages.{ctx.stage_name}.inputs.{slot}: that stage produced no dataset")
+    return load_dataset_dir(run_path(ctx, outputs["dir"]))
+
+
+def policies_from(ctx: StageContext, outputs: dict[str, Any], slot: str = "policies") -> dict[str, Any]:
+    """Load every policy an earlier stage recorded, in its order: name -> policy object."""
+    if not outputs.get("policies"):
+        raise RecipeError(f"stages.{ctx.stage_name}.inputs.{slot}: that stage produced no policies")
+    return {name: ctx.backend.load(run_path(ctx, rel)) for name, rel in outputs["policies"].items()}

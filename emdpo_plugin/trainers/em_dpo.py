@@ -1,0 +1,154 @@
+"""`em_dpo` stage: soft EM over latent annotator types (paper Algorithm 1).
+
+Each iteration: M-step (a weighted DPO per type, warm-started from the previous policies, plus
+the closed-form eta update), then E-step (score every comparison under every type, posterior
+per annotator in log space). The observed log-likelihood is recorded every iteration.
+
+Initialisation: every type starts at the reference, so EM would sit at its symmetric fixed
+point; seeded Dirichlet responsibilities break the symmetry. `restarts` runs EM from several
+seeds and keeps the run with the best final log-likelihood.
+
+A checkpoint is written after every finished iteration; a killed run resumed with the same
+config continues from the last finished iteration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from ..algorithms.em import comparison_weights, dirichlet_responsibilities, e_step, update_eta
+from ..algorithms.likelihood import comparison_loglik
+from ..data.schema import ComparisonSet
+from .base import StageConfig, StageContext, Trainer
+from .common import dataset_from, rel_path
+
+
+class EMConfig(StageConfig):
+    K: int = Field(2, ge=1, description="number of latent annotator types")
+    iterations: int = Field(10, ge=1, description="maximum EM iterations")
+    tol: float = Field(0.0, ge=0, description="stop when the log-likelihood gains less than tol (relative)")
+    min_responsibility: float = Field(0.0, ge=0, lt=1, description="M-step skips rows whose annotator's g_ik is below this")
+    init_concentration: float = Field(1.0, gt=0, description="Dirichlet concentration of the initial responsibilities")
+    restarts: int = Field(1, ge=1, description="EM runs from different seeds; the best log-likelihood wins")
+    seed: int | None = None
+
+
+def comparison_logliks(backend: Any, policies: list[Any], data: ComparisonSet, ref: np.ndarray) -> np.ndarray:
+    """(n, K) log-likelihood of every comparison under every type (inference only)."""
+    cols = [comparison_loglik(backend.score(p, data.prompts, data.responses), ref, data.rankings,
+                              data.response_mask, backend.beta) for p in policies]
+    return np.stack(cols, axis=1)
+
+
+class _Checkpoint:
+    """One restart's state after its last finished iteration, replaced atomically."""
+
+    def __init__(self, root: Path, fingerprint: str) -> None:
+        self.root, self.fingerprint = root, fingerprint
+
+    def load(self, backend: Any) -> tuple[dict[str, Any], list[Any]] | None:
+        state_file = self.root / "state.json"
+        if not state_file.exists():
+            return None
+        state = json.loads(state_file.read_text())
+        if state.get("fingerprint") != self.fingerprint:
+            return None
+        return state, [backend.load(self.root / f"type{k}") for k in range(len(state["eta"]))]
+
+    def save(self, backend: Any, state: dict[str, Any], policies: list[Any]) -> None:
+        tmp = self.root.with_name(self.root.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for k, p in enumerate(policies):
+            backend.save(p, tmp / f"type{k}")
+        (tmp / "state.json").write_text(json.dumps({**state, "fingerprint": self.fingerprint}))
+        old = self.root.with_name(self.root.name + ".old")
+        if self.root.exists():
+            self.root.rename(old)
+        tmp.rename(self.root)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _Checkpoint, desc: str) -> tuple[dict[str, Any], list[Any]]:
+    """One EM run from one seed; returns (state, policies). Resumes from `ckpt` if present."""
+    ref = backend.ref_score(data)  # once per dataset, never inside the loop
+    loaded = ckpt.load(backend)
+    if loaded is not None:
+        state, policies = loaded
+        if state["done"]:
+            return state, policies
+        log_resp = np.array(state["log_resp"])
+    else:
+        policies = [backend.new_policy(seed + 1000 * k) for k in range(cfg.K)]
+        log_resp = np.log(dirichlet_responsibilities(data.n_annotators, cfg.K, seed, cfg.init_concentration))
+        state = {"iteration": 0, "log_likelihood": [], "eta_trace": [], "fit": [], "done": False}
+    bar = tqdm(total=cfg.iterations, initial=state["iteration"], desc=desc, leave=False)
+    while state["iteration"] < cfg.iterations:
+        eta = update_eta(log_resp)
+        weights = comparison_weights(np.exp(log_resp), data.annotator_index, cfg.min_responsibility)
+        warm = state["iteration"] > 0
+        fits = [backend.fit(p, data, weights[:, k], warm=warm, desc=f"{desc} type{k}") for k, p in enumerate(policies)]
+        est = e_step(comparison_logliks(backend, policies, data, ref), data.annotator_index, data.n_annotators, eta)
+        log_resp = est.log_resp
+        trace = state["log_likelihood"]
+        gain = est.log_likelihood - trace[-1] if trace else float("inf")
+        trace.append(est.log_likelihood)
+        state["eta_trace"].append(eta.tolist())
+        state["fit"].append({"rows_per_type": [f.get("rows") for f in fits]})
+        state["iteration"] += 1
+        state.update(eta=eta.tolist(), log_resp=log_resp.tolist())
+        converged = abs(gain) <= cfg.tol * abs(est.log_likelihood)
+        state["done"] = converged or state["iteration"] >= cfg.iterations
+        ckpt.save(backend, state, policies)
+        bar.update(1)
+        bar.set_postfix(loglik=f"{est.log_likelihood:.3f}", eta=np.round(eta, 3).tolist())
+        if converged:
+            break
+    bar.close()
+    return state, policies
+
+
+class EMDPOStage(Trainer):
+    name = "em_dpo"
+    description = "EM-DPO: soft EM over K latent annotator types, each M-step a weighted DPO."
+    Config = EMConfig
+    input_slots = {"dataset": "a stage that produced a dataset (data)"}
+    required_inputs = ("dataset",)
+
+    def run(self, ctx: StageContext, config: EMConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        data = dataset_from(ctx, inputs["dataset"]).train
+        backend = ctx.backend
+        base_seed = ctx.seed if config.seed is None else config.seed
+        fingerprint = hashlib.sha256(json.dumps([config.model_dump(), ctx.recipe.get("model", {}),
+                                                 inputs["dataset"]], sort_keys=True, default=str).encode()).hexdigest()
+        runs = []
+        for r in range(config.restarts):
+            ckpt = _Checkpoint(ctx.out_dir / "restarts" / f"r{r}", fingerprint)
+            state, policies = run_em(backend, data, config, base_seed + r, ckpt, f"{ctx.stage_name} restart {r}")
+            runs.append((state["log_likelihood"][-1], r, state, policies))
+        best_ll, best_r, state, policies = max(runs, key=lambda t: t[0])
+        out = ctx.out_dir
+        names = {}
+        for k, p in enumerate(policies):
+            backend.save(p, out / f"type{k}")
+            names[f"{ctx.stage_name}/type{k}"] = rel_path(ctx, out / f"type{k}")
+        clustering = {
+            "annotator_ids": data.annotator_ids,
+            "responsibilities": np.exp(np.array(state["log_resp"])).tolist(),
+            "eta": state["eta"],
+            "log_likelihood": state["log_likelihood"],
+            "eta_trace": state["eta_trace"],
+            "restarts": [{"restart": r, "final_log_likelihood": ll} for ll, r, _, _ in runs],
+            "chosen_restart": best_r,
+        }
+        (out / "clustering.json").write_text(json.dumps(clustering))
+        return {"policies": names, "clustering": rel_path(ctx, out / "clustering.json"),
+                "iterations": state["iteration"], "log_likelihood": best_ll, "eta": state["eta"]}

@@ -1,0 +1,121 @@
+"""`report` stage: metrics.json, figures and report.md over every earlier stage it names.
+
+Inputs: `dataset` (required) plus any number of stages whose `policies`, `clustering` or
+`ensemble` outputs should be evaluated, e.g. `inputs: {dataset: data, dpo: dpo, em: em,
+minmax: minmax}`. Ground-truth groups are read here, for evaluation only.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from ..eval.evaluate import clustering_report, evaluate_mixtures
+from ..eval.plots import grouped_bars, log_likelihood_trace, weight_convergence
+from ..eval.report_md import render_report
+from .base import StageConfig, StageContext, Trainer
+from .common import dataset_from, run_path
+
+
+class ReportConfig(StageConfig):
+    title: str | None = None
+
+
+class ReportStage(Trainer):
+    name = "report"
+    description = "Per-group accuracy, margin and regret, clustering quality, ensembles: metrics.json, PNGs, report.md."
+    Config = ReportConfig
+    input_slots = {"dataset": "the dataset stage (data)", "*": "any earlier stage to report on"}
+    required_inputs = ("dataset",)
+
+    def run(self, ctx: StageContext, config: ReportConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        ds = dataset_from(ctx, inputs["dataset"])
+        backend = ctx.backend
+        counts = ds.manifest.get("counts", {})
+        metrics: dict[str, Any] = {
+            "recipe": ctx.recipe.get("name"),
+            "seed": ctx.seed,
+            "dataset": {"annotators": counts.get("annotators", ds.train.n_annotators),
+                        "comparisons": len(ds.train),
+                        "groups": counts.get("groups", {})},
+            "policies": {}, "clustering": {}, "ensembles": {}, "timings_s": {},
+        }
+        mixtures: dict[str, list[tuple[float, Any]]] = {}
+        loaded: dict[str, Any] = {}
+
+        def load(name: str, rel: str) -> Any:
+            if name not in loaded:
+                loaded[name] = backend.load(run_path(ctx, rel))
+            return loaded[name]
+
+        ensembles: dict[str, dict[str, Any]] = {}
+        traces: dict[str, list[float]] = {}
+        groups_by_annotator = dict(zip(ds.train.annotator_ids, ds.train.annotator_groups()))
+        for slot, out in inputs.items():
+            if slot == "dataset":
+                continue
+            for name, rel in (out.get("policies") or {}).items():
+                mixtures[name] = [(1.0, load(name, rel))]
+            if out.get("clustering"):
+                cl = json.loads(run_path(ctx, out["clustering"]).read_text())
+                stage = out["clustering"].split("/")[0]
+                rep = clustering_report(cl["annotator_ids"], np.array(cl["responsibilities"]), groups_by_annotator)
+                metrics["clustering"][stage] = {**rep, "eta": cl["eta"], "log_likelihood": cl["log_likelihood"]}
+                traces[stage] = cl["log_likelihood"]
+            if out.get("ensemble"):
+                ens = out["ensemble"]
+                mixtures[ens["name"]] = [(w, load(n, ens["paths"][n])) for n, w in zip(ens["policies"], ens["weights"])]
+                ensembles[ens["name"]] = {**ens, "game": out.get("game")}
+
+        oracle = backend.regret_oracle(ds.manifest) if hasattr(backend, "regret_oracle") else None
+        metrics["policies"] = evaluate_mixtures(backend, ds.test, mixtures, oracle)
+        for name, ens in ensembles.items():
+            per_group = {g: m["regret"] for g, m in metrics["policies"][name]["per_group"].items()}
+            stage = name.split("/")[0]
+            metrics["ensembles"][stage] = {
+                "weights": ens["weights"], "policies": ens["policies"],
+                "per_group_regret": per_group,
+                "max_regret": max(per_group.values()) if None not in per_group.values() else None,
+                "hedge_value": ens["hedge_value"], "lp_value": ens["lp_value"],
+            }
+        run_json = ctx.run_dir / "run.json"
+        if run_json.exists():
+            stages = json.loads(run_json.read_text()).get("stages", {})
+            metrics["timings_s"] = {s: v.get("seconds") for s, v in stages.items() if v.get("seconds") is not None}
+
+        out_dir = ctx.out_dir
+        figures = self._figures(ctx, metrics, ensembles, traces)
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (out_dir / "report.md").write_text(render_report(metrics, figures, title=config.title or ctx.recipe.get("name")))
+        return {"metrics": f"{ctx.stage_name}/metrics.json", "report": f"{ctx.stage_name}/report.md",
+                "figures": [f"{ctx.stage_name}/{f}" for f in figures]}
+
+    def _figures(self, ctx: StageContext, metrics: dict[str, Any], ensembles: dict[str, Any],
+                 traces: dict[str, list[float]]) -> list[str]:
+        out, figures = ctx.out_dir, []
+        pol = metrics["policies"]
+        for key, label in (("regret", "regret"), ("accuracy", "accuracy"), ("margin", "reward margin")):
+            values = {n: {g: m[key] for g, m in p["per_group"].items()} for n, p in pol.items()
+                      if all(m[key] is not None for m in p["per_group"].values())}
+            if values:
+                grouped_bars(values, label, f"per-group {label}", out / f"{key}_per_group.png")
+                figures.append(f"{key}_per_group.png")
+        # The paper's Figure 2: baseline policies against the ensembles, regret per group.
+        single = [n for n in pol if "/" not in n]
+        compare = {n: {g: m["regret"] for g, m in pol[n]["per_group"].items()} for n in single + list(ensembles)
+                   if all(m["regret"] is not None for m in pol[n]["per_group"].values())}
+        if len(compare) > 1:
+            grouped_bars(compare, "regret", "regret per group: baseline vs MinMax ensemble", out / "regret_dpo_vs_ensemble.png")
+            figures.append("regret_dpo_vs_ensemble.png")
+        for name, ens in ensembles.items():
+            if ens.get("game"):
+                game = np.load(run_path(ctx, ens["game"]))
+                fname = f"weights_{name.split('/')[0]}.png"
+                weight_convergence(game["trajectory"], ens["policies"], f"{name}: weight convergence", out / fname)
+                figures.append(fname)
+        if traces:
+            log_likelihood_trace(traces, out / "em_log_likelihood.png")
+            figures.append("em_log_likelihood.png")
+        return figures
