@@ -227,7 +227,8 @@ def test_manifest_counts_and_keys():
     m = _manifest(rows[:3], rows[3:])
     assert m["format"] == FORMAT_VERSION
     assert m["builder"] == {"name": "bandit", "config": {"seed": 0}}
-    assert m["counts"] == {"annotators": 3, "comparisons": {"train": 3, "test": 1}, "groups": {"g1": 1, "g2": 1}}
+    assert m["counts"] == {"annotators": 2, "test_annotators": 1, "comparisons": {"train": 3, "test": 1},
+                           "groups": {"g1": 1, "g2": 1}}
     assert m["labels"] == {"judge": "v1"}
     assert m["created_by"].startswith("emdpo_plugin ")
     assert len(m["content_hash"]) == 64

@@ -48,15 +48,35 @@ def comparison_loglik(
     rankings: torch.Tensor | np.ndarray,
     response_mask: torch.Tensor | np.ndarray,
     beta: float,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor | np.ndarray:
-    """Per-row log-likelihood from sequence log-probs; returns the input's array type."""
+    """Per-row log-likelihood from sequence log-probs; returns the input's array type.
+
+    `label_smoothing` eps is conservative DPO (OpenRLHF's `label_smoothing`):
+    `(1 - eps) ll(ranking) + eps ll(reversed ranking)`, which for a pair is
+    `(1-eps) log sigmoid(m) + eps log sigmoid(-m)`. It gives deterministic annotators a finite
+    optimum. EM stays monotone with it: the E-step and M-step use this same function.
+    """
     as_numpy = isinstance(policy_scores, np.ndarray)
     p = torch.as_tensor(policy_scores, dtype=torch.float64) if as_numpy else policy_scores
     r = torch.as_tensor(ref_scores, dtype=p.dtype, device=p.device)
     mask = torch.as_tensor(response_mask, dtype=torch.bool, device=p.device)
     rewards = beta * torch.nan_to_num(p - r, nan=0.0)
-    ll = plackett_luce_loglik(rewards, torch.as_tensor(rankings, dtype=torch.long, device=p.device), mask)
+    ranks = torch.as_tensor(rankings, dtype=torch.long, device=p.device)
+    ll = plackett_luce_loglik(rewards, ranks, mask)
+    if label_smoothing > 0:
+        ll = (1 - label_smoothing) * ll + label_smoothing * plackett_luce_loglik(rewards, reverse_rankings(ranks, mask), mask)
     return ll.numpy() if as_numpy else ll
+
+
+def reverse_rankings(rankings: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """The ranked prefix in reverse order (worst first), keeping -1 padding at the end."""
+    n, width = rankings.shape
+    lengths = (rankings >= 0).sum(1, keepdim=True)
+    pos = torch.arange(width, device=rankings.device).expand(n, width)
+    src = (lengths - 1 - pos).clamp(min=0)
+    rev = rankings.gather(1, src)
+    return torch.where(pos < lengths, rev, torch.full_like(rankings, -1))
 
 
 def weighted_nll(loglik: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 Policies map a context to a softmax over arms; the reference is uniform, and every new policy
 starts exactly at the reference (zero output layer). `fit` is full-batch Adam on the weighted
-Plackett-Luce/DPO loss and returns the best iterate it saw (the warm start included), so each
-M-step never lowers the EM objective: the observed log-likelihood is then monotone.
+Plackett-Luce/DPO loss and returns the best iterate it saw, the incoming parameters included,
+so each M-step never lowers the EM objective: the observed log-likelihood is then monotone.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ class BanditModelConfig(StrictModel):
     hidden_size: int = 10
     layers: int = 3  # linear layers
     beta: float = 1.0
+    label_smoothing: float = 0.0  # conservative DPO eps (OpenRLHF's `label_smoothing`)
     lr: float = 0.01
     epochs: int = 1000  # full-batch Adam steps per fit from the reference (paper Table 1: max epochs 1000)
     warm_epochs: int = 200  # steps per warm-started fit (EM iterations after the first)
@@ -51,6 +52,7 @@ class BanditBackend:
     def __init__(self, config: dict[str, Any] | None = None, *, seed: int = 0) -> None:
         self.cfg = BanditModelConfig.model_validate(config or {})
         self.beta = self.cfg.beta
+        self.label_smoothing = self.cfg.label_smoothing
         self.seed = seed
         torch.set_num_threads(1)  # tiny MLP: threads cost more than they give
 
@@ -92,7 +94,7 @@ class BanditBackend:
             s = self._logprobs(policy, self._contexts(prompts), idx).numpy()
         return np.where(mask.numpy(), s, np.nan)
 
-    def fit(self, policy: nn.Module, data: ComparisonSet, weights: np.ndarray, *, warm: bool = False,
+    def fit(self, policy: nn.Module, data: ComparisonSet, weights: np.ndarray, *, warm: bool = True,
             desc: str = "") -> dict[str, Any]:
         keep = np.asarray(weights) > 0
         ctx = self._contexts([p for p, k in zip(data.prompts, keep) if k])
@@ -100,14 +102,19 @@ class BanditBackend:
         rankings = torch.as_tensor(data.rankings[keep])
         ref = torch.as_tensor(self.ref_score(data)[keep])
         w = torch.as_tensor(np.asarray(weights)[keep], dtype=torch.float64)
-        opt = torch.optim.Adam(policy.parameters(), lr=self.cfg.lr)
 
         def loss_fn() -> torch.Tensor:
             s = self._logprobs(policy, ctx, idx)
-            return weighted_nll(comparison_loglik(s, ref, rankings, mask, self.beta), w)
+            return weighted_nll(comparison_loglik(s, ref, rankings, mask, self.beta, self.label_smoothing), w)
 
+        # The incoming parameters are a candidate too: a fit never makes the objective worse.
+        with torch.no_grad():
+            best_loss = loss_fn().item()
+        best_state = {k: v.clone() for k, v in policy.state_dict().items()}
+        if not warm:  # restart from the reference with the full schedule
+            policy.load_state_dict(self.new_policy(self.seed).state_dict())
         steps = self.cfg.warm_epochs if warm else self.cfg.epochs
-        best_loss, best_state = float("inf"), None
+        opt = torch.optim.Adam(policy.parameters(), lr=self.cfg.lr)
         for step in range(steps + 1):
             loss = loss_fn()
             if loss.item() < best_loss:

@@ -21,6 +21,7 @@ from ..data.schema import ComparisonSet
 @runtime_checkable
 class PolicyBackend(Protocol):
     beta: float
+    label_smoothing: float  # conservative-DPO eps used by fit and by the E-step alike
 
     def new_policy(self, seed: int) -> Any:
         """A fresh policy initialised from the reference (the start of every type policy)."""
@@ -31,11 +32,12 @@ class PolicyBackend(Protocol):
     def score(self, policy: Any | None, prompts: list[str], responses: list[list[str]]) -> np.ndarray:
         """Log-probs of arbitrary responses (inference only, batched, no grad); None = reference."""
 
-    def fit(self, policy: Any, data: ComparisonSet, weights: np.ndarray, *, warm: bool = False,
+    def fit(self, policy: Any, data: ComparisonSet, weights: np.ndarray, *, warm: bool = True,
             desc: str = "") -> dict[str, Any]:
         """Weighted DPO / Plackett-Luce M-step in place; weights are per row (0 rows may be skipped).
 
-        `warm`: the policy continues from the previous EM iteration (a shorter schedule may do)."""
+        `warm=True` continues from the policy's current parameters (a shorter schedule may do);
+        `warm=False` restarts from the reference with the full schedule."""
 
     def sample(self, policy: Any, prompts: list[str], n: int, seed: int) -> list[list[str]]:
         """n responses per prompt from the policy."""

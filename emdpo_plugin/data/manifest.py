@@ -37,14 +37,18 @@ def _canonical(row: Comparison) -> dict:
 
 
 def compute_counts(train: list[Comparison], test: list[Comparison] | None) -> dict:
-    """Annotators over both splits, comparisons per split, and annotators per ground-truth group."""
-    rows = list(train) + list(test or [])
+    """Training annotators, comparisons per split, and training annotators per ground-truth group.
+
+    Test rows are often labelled by per-group evaluation annotators; they are counted apart
+    (`test_annotators`) so `annotators` and `groups` describe the population trained on.
+    """
     by_group: dict[str, set[str]] = {}
-    for r in rows:
+    for r in train:
         if r.group is not None:
             by_group.setdefault(r.group, set()).add(r.annotator_id)
     return {
-        "annotators": len({r.annotator_id for r in rows}),
+        "annotators": len({r.annotator_id for r in train}),
+        "test_annotators": len({r.annotator_id for r in test or []}),
         "comparisons": {"train": len(train), "test": len(test or [])},
         "groups": {g: len(a) for g, a in sorted(by_group.items())},
     }

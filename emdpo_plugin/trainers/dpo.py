@@ -25,7 +25,7 @@ class DPOStage(Trainer):
         train = dataset_from(ctx, inputs["dataset"]).train
         backend = ctx.backend
         policy = backend.new_policy(ctx.seed if config.seed is None else config.seed)
-        stats = backend.fit(policy, train, np.ones(len(train)), desc=ctx.stage_name)
+        stats = backend.fit(policy, train, np.ones(len(train)), warm=False, desc=ctx.stage_name)
         path = ctx.out_dir / "policy"
         backend.save(policy, path)
         return {"policies": {ctx.stage_name: rel_path(ctx, path)}, "fit": stats}

@@ -1,12 +1,16 @@
 """`em_dpo` stage: soft EM over latent annotator types (paper Algorithm 1).
 
-Each iteration: M-step (a weighted DPO per type, warm-started from the previous policies, plus
-the closed-form eta update), then E-step (score every comparison under every type, posterior
+Each iteration: M-step (a weighted DPO per type, warm-started from the previous policies unless
+`warm_start: false`, plus the closed-form eta update), then E-step (score every comparison under every type, posterior
 per annotator in log space). The observed log-likelihood is recorded every iteration.
 
 Initialisation: every type starts at the reference, so EM would sit at its symmetric fixed
-point; seeded Dirichlet responsibilities break the symmetry. `restarts` runs EM from several
-seeds and keeps the run with the best final log-likelihood.
+point. Two seeded ways out: `init: seeded` (default) is k-means++ in likelihood space: type 0 is
+fitted to one random annotator's comparisons, each next type to an annotator drawn with
+probability proportional to the squared per-comparison NLL under the closest type so far;
+the first E-step starts from those policies. `init: dirichlet` draws random soft assignments
+instead (slower to separate small groups). `restarts` runs EM from several seeds and keeps the
+run with the best final log-likelihood.
 
 A checkpoint is written after every finished iteration; a killed run resumed with the same
 config continues from the last finished iteration.
@@ -18,13 +22,13 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from ..algorithms.em import comparison_weights, dirichlet_responsibilities, e_step, update_eta
+from ..algorithms.em import annotator_loglik, comparison_weights, dirichlet_responsibilities, e_step, update_eta
 from ..algorithms.likelihood import comparison_loglik
 from ..data.schema import ComparisonSet
 from .base import StageConfig, StageContext, Trainer
@@ -36,7 +40,9 @@ class EMConfig(StageConfig):
     iterations: int = Field(10, ge=1, description="maximum EM iterations")
     tol: float = Field(0.0, ge=0, description="stop when the log-likelihood gains less than tol (relative)")
     min_responsibility: float = Field(0.0, ge=0, lt=1, description="M-step skips rows whose annotator's g_ik is below this")
-    init_concentration: float = Field(1.0, gt=0, description="Dirichlet concentration of the initial responsibilities")
+    init: Literal["seeded", "dirichlet"] = Field("seeded", description="symmetry breaking: likelihood k-means++ seeding or random responsibilities")
+    init_concentration: float = Field(1.0, gt=0, description="Dirichlet concentration (init: dirichlet)")
+    warm_start: bool = Field(True, description="M-steps continue from the previous policies; false: each M-step refits from the reference (same budget for every type)")
     restarts: int = Field(1, ge=1, description="EM runs from different seeds; the best log-likelihood wins")
     seed: int | None = None
 
@@ -44,8 +50,29 @@ class EMConfig(StageConfig):
 def comparison_logliks(backend: Any, policies: list[Any], data: ComparisonSet, ref: np.ndarray) -> np.ndarray:
     """(n, K) log-likelihood of every comparison under every type (inference only)."""
     cols = [comparison_loglik(backend.score(p, data.prompts, data.responses), ref, data.rankings,
-                              data.response_mask, backend.beta) for p in policies]
+                              data.response_mask, backend.beta, backend.label_smoothing) for p in policies]
     return np.stack(cols, axis=1)
+
+
+def seed_policies(backend: Any, data: ComparisonSet, ref: np.ndarray, K: int, seed: int) -> list[Any]:
+    """k-means++ in likelihood space: one annotator's comparisons per type, spread-out annotators."""
+    rng = np.random.default_rng(seed)
+    idx, n = data.annotator_index, data.n_annotators
+    per_annotator = np.bincount(idx, minlength=n)
+    nll = np.full(n, np.inf)
+    chosen = [int(rng.integers(n))]
+    policies: list[Any] = []
+    for k in range(K):
+        policy = backend.new_policy(seed + 1000 * k)
+        backend.fit(policy, data, (idx == chosen[-1]).astype(np.float64), warm=False, desc=f"seed type{k}")
+        policies.append(policy)
+        if k == K - 1:
+            break
+        ll = comparison_logliks(backend, [policy], data, ref)
+        nll = np.minimum(nll, -annotator_loglik(ll, idx, n)[:, 0] / np.maximum(per_annotator, 1))
+        d2 = np.where(np.isin(np.arange(n), chosen), 0.0, nll**2)
+        chosen.append(int(rng.choice(n, p=d2 / d2.sum())) if d2.sum() > 0 else int(rng.integers(n)))
+    return policies
 
 
 class _Checkpoint:
@@ -87,14 +114,20 @@ def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _C
             return state, policies
         log_resp = np.array(state["log_resp"])
     else:
-        policies = [backend.new_policy(seed + 1000 * k) for k in range(cfg.K)]
-        log_resp = np.log(dirichlet_responsibilities(data.n_annotators, cfg.K, seed, cfg.init_concentration))
+        if cfg.init == "seeded":
+            policies = seed_policies(backend, data, ref, cfg.K, seed)
+            uniform = np.full(cfg.K, 1.0 / cfg.K)
+            log_resp = e_step(comparison_logliks(backend, policies, data, ref), data.annotator_index,
+                              data.n_annotators, uniform).log_resp
+        else:
+            policies = [backend.new_policy(seed + 1000 * k) for k in range(cfg.K)]
+            log_resp = np.log(dirichlet_responsibilities(data.n_annotators, cfg.K, seed, cfg.init_concentration))
         state = {"iteration": 0, "log_likelihood": [], "eta_trace": [], "fit": [], "done": False}
     bar = tqdm(total=cfg.iterations, initial=state["iteration"], desc=desc, leave=False)
     while state["iteration"] < cfg.iterations:
         eta = update_eta(log_resp)
         weights = comparison_weights(np.exp(log_resp), data.annotator_index, cfg.min_responsibility)
-        warm = state["iteration"] > 0
+        warm = cfg.warm_start and (state["iteration"] > 0 or cfg.init == "seeded")
         fits = [backend.fit(p, data, weights[:, k], warm=warm, desc=f"{desc} type{k}") for k, p in enumerate(policies)]
         est = e_step(comparison_logliks(backend, policies, data, ref), data.annotator_index, data.n_annotators, eta)
         log_resp = est.log_resp

@@ -33,13 +33,15 @@ class ReportStage(Trainer):
     def run(self, ctx: StageContext, config: ReportConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         ds = dataset_from(ctx, inputs["dataset"])
         backend = ctx.backend
-        counts = ds.manifest.get("counts", {})
+        groups_by_annotator = dict(zip(ds.train.annotator_ids, ds.train.annotator_groups()))
+        group_sizes: dict[str, int] = {}
+        for g in groups_by_annotator.values():
+            group_sizes[g] = group_sizes.get(g, 0) + 1
         metrics: dict[str, Any] = {
             "recipe": ctx.recipe.get("name"),
             "seed": ctx.seed,
-            "dataset": {"annotators": counts.get("annotators", ds.train.n_annotators),
-                        "comparisons": len(ds.train),
-                        "groups": counts.get("groups", {})},
+            "dataset": {"annotators": ds.train.n_annotators, "comparisons": len(ds.train),
+                        "groups": dict(sorted(group_sizes.items()))},
             "policies": {}, "clustering": {}, "ensembles": {}, "timings_s": {},
         }
         mixtures: dict[str, list[tuple[float, Any]]] = {}
@@ -52,7 +54,6 @@ class ReportStage(Trainer):
 
         ensembles: dict[str, dict[str, Any]] = {}
         traces: dict[str, list[float]] = {}
-        groups_by_annotator = dict(zip(ds.train.annotator_ids, ds.train.annotator_groups()))
         for slot, out in inputs.items():
             if slot == "dataset":
                 continue
