@@ -1,0 +1,358 @@
+"""A tiny causal LM built offline: BPE tokenizer + small Llama, SFT'd through OpenRLHF.
+
+:func:`build_tiny_lm` trains a byte-level BPE tokenizer on the given texts (``tokenizers``),
+wraps it as a ``PreTrainedTokenizerFast``, initialises a small ``LlamaConfig`` model, then
+runs a short supervised fine-tuning on the same texts through OpenRLHF's own SFT path
+(``get_strategy`` -> ``Actor`` -> ``SFTDataset(pretrain_mode=True)`` -> ``strategy.prepare``
+-> ``SFTTrainer.fit`` -> ``strategy.save_model``), so the result is a real SFT model fit to
+serve as the DPO reference. Nothing is downloaded; the folder loads offline with
+``AutoTokenizer`` / ``AutoModelForCausalLM`` (``HF_HUB_OFFLINE=1``, ``attn_implementation="sdpa"``)
+and with vLLM.
+
+Each training text is ``text + " " + eos`` -- the same ending OpenRLHF's ``RewardDataset``
+appends to DPO responses -- and no BOS is prepended (OpenRLHF tokenizes with
+``add_special_tokens=False``), so the SFT model matches how DPO will score responses.
+
+The build is idempotent: ``out_dir`` is assembled in a temporary sibling folder whose last
+file is :data:`MARKER` (JSON: config, losses, timings); the folder is then renamed into place.
+An ``out_dir`` holding the marker is returned as is.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from tqdm.auto import tqdm
+
+__all__ = ["build_tiny_lm", "is_built", "read_build_info", "demo_sentences", "MARKER",
+           "PAD_TOKEN", "BOS_TOKEN", "EOS_TOKEN"]
+
+MARKER = "emdpo_tiny_lm.json"
+PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<s>", "</s>", "<unk>"
+_SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN]
+
+
+def is_built(out_dir: Path | str) -> bool:
+    """True when ``out_dir`` holds a finished tiny LM (its marker file exists)."""
+    return (Path(out_dir) / MARKER).is_file()
+
+
+def read_build_info(out_dir: Path | str) -> dict[str, Any]:
+    """The marker's JSON: ``config``, ``sft`` (``loss_before``, ``loss_after``, ``step_losses``), ``timings_s``."""
+    return json.loads((Path(out_dir) / MARKER).read_text())
+
+
+def demo_sentences(n: int = 200, seed: int = 0) -> list[str]:
+    """``n`` short, distinct, template-generated English sentences (deterministic in ``seed``)."""
+    rng = random.Random(seed)
+    subj = ["the movie", "this film", "the story", "the acting", "the ending", "the music", "the cast",
+            "the director", "the plot", "the script", "the camera work", "the sequel"]
+    verb = ["was", "felt", "seemed", "looked", "turned out", "sounded"]
+    adj = ["great", "boring", "wonderful", "terrible", "funny", "slow", "beautiful", "awful", "clever",
+           "predictable", "moving", "dull", "brilliant", "weak", "charming", "messy"]
+    adv = ["really", "quite", "very", "rather", "truly", "somewhat", "incredibly"]
+    tail = ["and i loved it", "and i hated it", "from start to finish", "for most of the time",
+            "in every scene", "despite the hype", "as i expected", "to my surprise", "overall"]
+    out: list[str] = []
+    seen: set[str] = set()
+    while len(out) < n:
+        s = f"{rng.choice(subj)} {rng.choice(verb)} {rng.choice(adv)} {rng.choice(adj)} {rng.choice(tail)} ."
+        if rng.random() < 0.5:
+            s = s[:-2] + f", but {rng.choice(subj)} {rng.choice(verb)} {rng.choice(adj)} ."
+        if s not in seen:
+            seen.add(s)
+            out.append(s)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _train_tokenizer(texts: Sequence[str], vocab_size: int, max_position: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=PAD_TOKEN,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=UNK_TOKEN,
+        model_max_length=max_position,
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _mean_nll(model, tokenizer, texts: Sequence[str], max_len: int, batch_size: int = 64) -> float:
+    """Mean per-token negative log-likelihood of ``texts`` (each + " " + eos) under ``model``."""
+    import torch
+
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            chunk = [t + " " + tokenizer.eos_token for t in texts[i:i + batch_size]]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_len,
+                            add_special_tokens=False)
+            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            target = enc["input_ids"][:, 1:]
+            mask = enc["attention_mask"][:, 1:].bool()
+            tok_logp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            total += float(-(tok_logp[mask]).sum())
+            count += int(mask.sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def build_tiny_lm(
+    texts: list[str],
+    out_dir: Path,
+    *,
+    vocab_size: int = 2000,
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    max_position: int = 256,
+    sft_steps: int = 150,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> Path:
+    """Build (or reuse) a tiny SFT'd causal LM in ``out_dir`` and return ``out_dir``.
+
+    ``sft_steps`` optimizer steps of ``batch_size`` texts each (the texts are repeated as
+    needed; one OpenRLHF epoch), AdamW at ``lr`` with OpenRLHF's cosine-with-min-lr schedule,
+    fp32, ZeRO 0. Deterministic for a given ``seed`` and thread count.
+    """
+    out_dir = Path(out_dir)
+    if is_built(out_dir):
+        return out_dir
+    if not texts:
+        raise ValueError("build_tiny_lm needs at least one text")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} exists, is not empty and holds no finished tiny LM ({MARKER}); "
+                              "remove it or choose another folder")
+    texts = [str(t).strip() for t in texts if str(t).strip()]
+    config = dict(vocab_size=vocab_size, hidden_size=hidden_size, layers=layers, heads=heads,
+                  max_position=max_position, sft_steps=sft_steps, batch_size=batch_size, lr=lr, seed=seed,
+                  n_texts=len(texts))
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    timings: dict[str, float] = {}
+    try:
+        with tqdm(total=4, desc="tiny LM", unit="stage") as bar:
+            t0 = time.perf_counter()
+            bar.set_postfix_str("tokenizer")
+            tokenizer = _train_tokenizer(texts, vocab_size, max_position)
+            timings["tokenizer"] = time.perf_counter() - t0
+            bar.update()
+
+            t0 = time.perf_counter()
+            bar.set_postfix_str("init model")
+            init_dir = tmp / "init"
+            _init_model(tokenizer, init_dir, hidden_size=hidden_size, layers=layers, heads=heads,
+                        max_position=max_position, seed=seed)
+            timings["init"] = time.perf_counter() - t0
+            bar.update()
+
+            t0 = time.perf_counter()
+            bar.set_postfix_str("SFT (OpenRLHF)")
+            sft = _sft_through_openrlhf(init_dir, tmp / "model", texts, max_len=max_position,
+                                        steps=sft_steps, batch_size=batch_size, lr=lr, seed=seed)
+            timings["sft"] = time.perf_counter() - t0
+            bar.update()
+
+            t0 = time.perf_counter()
+            bar.set_postfix_str("save")
+            shutil.rmtree(init_dir)
+            final = tmp / "model"
+            for p in final.iterdir():
+                shutil.move(str(p), str(tmp / p.name))
+            final.rmdir()
+            timings["save"] = time.perf_counter() - t0
+            (tmp / MARKER).write_text(json.dumps(
+                {"format": "emdpo-tiny-lm/v1", "config": config, "sft": sft, "timings_s": timings}, indent=2))
+            bar.update()
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked above)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _init_model(tokenizer, init_dir: Path, *, hidden_size: int, layers: int, heads: int,
+                max_position: int, seed: int) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if hidden_size % heads:
+        raise ValueError(f"hidden_size {hidden_size} is not divisible by heads {heads}")
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_position,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+        use_cache=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.save_pretrained(init_dir)
+    tokenizer.save_pretrained(init_dir)
+    del model
+
+
+def _sft_through_openrlhf(init_dir: Path, save_dir: Path, texts: list[str], *, max_len: int, steps: int,
+                          batch_size: int, lr: float, seed: int) -> dict[str, Any]:
+    from ..backends.openrlhf_compat import apply_cpu_compat
+
+    apply_cpu_compat()
+    import datasets
+    from openrlhf.datasets import SFTDataset
+    from openrlhf.models import Actor
+    from openrlhf.utils import get_strategy, get_tokenizer
+
+    from ..backends.openrlhf_args import make_args
+
+    n_items = steps * batch_size
+    reps = math.ceil(n_items / len(texts))
+    items = (list(texts) * reps)[:n_items]
+
+    args = make_args({
+        "model.model_name_or_path": str(init_dir),
+        "model.pretrain_mode_enable": True,
+        "train.seed": seed,
+        "train.batch_size": batch_size,
+        "train.micro_batch_size": batch_size,
+        "train.max_epochs": 1,
+        "adam.lr": lr,
+        "adam.betas": (0.9, 0.95),
+        "lr_warmup_ratio": 0.05,
+        "min_lr_ratio": 0.1,
+        "max_norm": 1.0,
+        "data.input_key": "text",
+        "data.max_len": max_len,
+        "ckpt.output_dir": str(save_dir),
+        "ckpt.path": str(save_dir.parent / "ckpt"),
+        "logger.logging_steps": 1,
+    })
+    strategy = get_strategy(args)
+    strategy.setup_distributed()
+
+    model = Actor(
+        args.model.model_name_or_path,
+        attn_implementation=args.ds.attn_implementation,
+        param_dtype=args.ds.param_dtype,
+        lora_rank=0,
+        ds_config=strategy.get_ds_train_config(),
+        packing_samples=False,
+    )
+    tokenizer = get_tokenizer(args.model.model_name_or_path, model.model, "right", strategy)
+
+    loss_before = _mean_nll(model.model, tokenizer, texts, max_len)
+
+    eos = tokenizer.eos_token
+    train_data = datasets.Dataset.from_dict({"text": [t + " " + eos for t in items]})
+    train_dataset = SFTDataset(train_data, tokenizer, max_len, strategy, pretrain_mode=True, num_processors=1)
+    train_dataloader = strategy.setup_dataloader(train_dataset, args.train.micro_batch_size, True, True,
+                                                 train_dataset.collate_fn)
+    num_update_steps_per_epoch = max(1, len(train_dataloader) // strategy.accumulated_gradient)
+    cfg = dict(
+        optim=args.optim,
+        muon=vars(args.muon),
+        adam=vars(args.adam),
+        lr_scheduler=args.lr_scheduler,
+        lr_warmup_ratio=args.lr_warmup_ratio,
+        min_lr_ratio=args.min_lr_ratio,
+        max_norm=args.max_norm,
+        scheduler_steps=num_update_steps_per_epoch * args.train.max_epochs,
+    )
+    model, optim, scheduler = strategy.prepare((model, cfg))
+
+    trainer = _recording_trainer_cls()(
+        model=model,
+        strategy=strategy,
+        optim=optim,
+        train_dataloader=train_dataloader,
+        eval_dataloader=None,
+        scheduler=scheduler,
+        max_norm=args.max_norm,
+        pretrain_mode=True,
+        batch_size=args.train.batch_size,
+        max_epochs=args.train.max_epochs,
+        tokenizer=tokenizer,
+        save_hf_ckpt=False,
+        disable_ds_ckpt=True,
+    )
+    trainer.fit(args, 0, num_update_steps_per_epoch)
+
+    raw = strategy._unwrap_model(model)
+    raw.config.use_cache = True  # Actor turns the KV cache off for training; generation wants it
+    loss_after = _mean_nll(raw, tokenizer, texts, max_len)
+    strategy.save_model(model, tokenizer, str(save_dir))
+
+    result = {
+        "loss_before": loss_before,
+        "loss_after": loss_after,
+        "steps": len(trainer.step_losses),
+        "step_losses": trainer.step_losses,
+    }
+    del trainer, model, optim, scheduler, raw
+    gc.collect()
+    return result
+
+
+def _recording_trainer_cls():
+    from openrlhf.trainer.sft_trainer import SFTTrainer
+
+    class RecordingSFTTrainer(SFTTrainer):
+        """SFTTrainer that keeps the per-optimizer-step loss it already computes."""
+
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.step_losses: list[float] = []
+
+        def save_logs_and_checkpoints(self, args, global_step, step_bar, logs_dict=None, client_states=None):
+            if logs_dict and "loss_mean" in logs_dict:
+                self.step_losses.append(float(logs_dict["loss_mean"]))
+            return super().save_logs_and_checkpoints(args, global_step, step_bar, logs_dict, client_states)
+
+    return RecordingSFTTrainer
+

@@ -1,0 +1,197 @@
+"""The paper's bandit (section 5.1) through the same builder, backend, EM loop and CLI as the LM path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_builders.bandit import BanditConfig, BanditEnvironment, build
+from emdpo_plugin.algorithms.metrics import clustering_scores
+from emdpo_plugin.backends.bandit import BanditBackend
+from emdpo_plugin.data.schema import ComparisonSet
+from emdpo_plugin.trainers.em_dpo import EMConfig, _Checkpoint, run_em
+
+ROOT = Path(__file__).resolve().parents[1]
+OPENRLHF = str(Path(sys.executable).parent / "openrlhf")
+
+
+def test_builder_follows_section_5_1():
+    ds = build({}, seed=123)
+    assert len(ds.train) == 200 * 10
+    per_annotator = Counter(r.annotator_id for r in ds.train)
+    assert len(per_annotator) == 200 and set(per_annotator.values()) == {10}
+    groups = Counter(r.group for r in ds.train)
+    assert set(groups) == {"group0", "group1", "group2"}
+    assert groups["group0"] > groups["group1"] > groups["group2"]  # drawn with p = 0.6 / 0.3 / 0.1
+    env = BanditEnvironment(BanditConfig())
+    for r in ds.train:
+        arms = [int(a.removeprefix("arm")) for a in r.responses]
+        assert arms[0] != arms[1]  # documented choice: a pair is two distinct arms
+        g = int(r.group.removeprefix("group"))
+        x = np.array(json.loads(r.prompt))
+        assert np.all((0 <= x) & (x <= 1))
+        if g in arms:  # the group's own arm always wins (noise 0.01 vs reward gap 10 * sum(x))
+            assert arms[r.ranking[0]] == g
+    assert [r.to_record() for r in build({}, seed=123).train[:20]] == [r.to_record() for r in ds.train[:20]]
+
+
+def test_regularised_optimum_has_zero_regret_and_uniform_has_positive():
+    env = BanditEnvironment(BanditConfig())
+    x = np.random.default_rng(0).uniform(size=(1000, 3))
+    assert env.regret(1, x, env.optimal_probs(1, x, beta=1.0), beta=1.0) == pytest.approx(0.0, abs=1e-12)
+    uniform = np.full((1000, 3), 1 / 3)
+    assert env.regret(1, x, uniform, beta=1.0) == pytest.approx(10 * x.sum(1).mean() * (1 - 1 / 3), rel=0.01)
+
+
+def _small(annotators=60, epochs=150, warm=50):
+    ds = build({"annotators": annotators, "group_probs": [0.6, 0.4]}, seed=5)
+    backend = BanditBackend({"epochs": epochs, "warm_epochs": warm, "label_smoothing": 0.01}, seed=5)
+    return ComparisonSet(ds.train), backend
+
+
+def test_em_log_likelihood_never_decreases_and_recovers_groups(tmp_path):
+    data, backend = _small()
+    state, policies = run_em(backend, data, EMConfig(K=2, iterations=6), seed=1,
+                             ckpt=_Checkpoint(tmp_path / "ck", "fp"), desc="em")
+    ll = np.array(state["log_likelihood"])
+    assert len(ll) == 6
+    assert np.all(np.diff(ll) >= -1e-6 * np.abs(ll[:-1])), ll
+    assert ll[-1] > ll[0]
+    resp = np.exp(np.array(state["log_resp"]))
+    assert clustering_scores(data.annotator_groups(), resp.argmax(1))["ari"] >= 0.9
+    np.testing.assert_allclose(sum(state["eta"]), 1.0)
+
+
+def test_em_resumes_from_last_finished_iteration(tmp_path):
+    data, backend = _small(annotators=30, epochs=60, warm=20)
+    cfg = EMConfig(K=2, iterations=4)
+    calls = {"n": 0}
+    real_fit = backend.fit
+
+    def dying_fit(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2 * 2 + 2 + 1:  # 2 seeding fits, 2 iterations of 2 types, then die mid-iteration 3
+            raise KeyboardInterrupt("killed")
+        return real_fit(*args, **kwargs)
+
+    backend.fit = dying_fit
+    ck = _Checkpoint(tmp_path / "ck", "fp")
+    with pytest.raises(KeyboardInterrupt):
+        run_em(backend, data, cfg, seed=3, ckpt=ck, desc="em")
+    saved = json.loads((tmp_path / "ck" / "state.json").read_text())
+    assert saved["iteration"] == 2 and not saved["done"]
+
+    calls["n"] = -10_000  # no more deaths; count fits of the resumed run
+    state, _ = run_em(backend, data, cfg, seed=3, ckpt=ck, desc="em")
+    assert state["iteration"] == 4 and calls["n"] == -10_000 + 2 * 2  # only iterations 3 and 4 ran
+    assert state["log_likelihood"][:2] == saved["log_likelihood"]
+
+    # a different config does not reuse the checkpoint
+    assert _Checkpoint(tmp_path / "ck", "other").load(backend) is None
+
+
+def test_restarts_keep_the_best_log_likelihood(tmp_path):
+    from emdpo_plugin.trainers.base import StageContext
+    from emdpo_plugin.trainers.em_dpo import EMDPOStage
+    from emdpo_plugin.data.manifest import build_manifest, write_dataset_dir
+
+    ds = build({"annotators": 40, "group_probs": [0.5, 0.5]}, seed=2)
+    write_dataset_dir(tmp_path / "data", ds.train, ds.test, build_manifest(ds.train, ds.test, builder="bandit", config=ds.config))
+    backend = BanditBackend({"epochs": 60, "warm_epochs": 20}, seed=2)
+    ctx = StageContext(run_dir=tmp_path, stage_name="em", seed=2, recipe={"model": {}}, _backend=backend)
+    out = EMDPOStage().run(ctx, EMConfig(K=2, iterations=2, restarts=3),
+                           {"dataset": {"dir": "data", "manifest": "data/manifest.json"}})
+    cl = json.loads((tmp_path / "em" / "clustering.json").read_text())
+    finals = [r["final_log_likelihood"] for r in cl["restarts"]]
+    assert len(finals) == 3 and len(set(np.round(finals, 6))) > 1  # seeds differ
+    assert cl["chosen_restart"] == int(np.argmax(finals))
+    assert out["log_likelihood"] == pytest.approx(max(finals))
+    assert sorted(out["policies"]) == ["em/type0", "em/type1"]
+
+
+def _run_cli(*args, cwd=ROOT):
+    return subprocess.run([OPENRLHF, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_bandit_recipe_reproduces_the_paper(tmp_path):
+    out = tmp_path / "bandit"
+    proc = _run_cli("run", "recipes/bandit.yaml", "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert all(s["status"] == "done" for s in run["stages"].values())
+    m = json.loads((out / "report" / "metrics.json").read_text())
+    dpo = {g: v["regret"] for g, v in m["policies"]["dpo"]["per_group"].items()}
+    majority = max(m["dataset"]["groups"], key=m["dataset"]["groups"].get)
+    for g, r in dpo.items():  # DPO serves the majority and leaves the minorities behind
+        if g != majority:
+            assert r >= 1.3 * dpo[majority], dpo
+    ens = m["ensembles"]["minmax"]
+    regrets = np.array(list(ens["per_group_regret"].values()))
+    assert ens["max_regret"] <= 0.9 * max(dpo.values()), (ens, dpo)
+    assert np.all(np.abs(regrets - regrets.mean()) <= 0.2 * regrets.mean()), regrets
+    assert all(0.2 <= w <= 0.47 for w in ens["weights"]), ens["weights"]
+    assert abs(ens["hedge_value"] - ens["lp_value"]) <= 1e-2 * abs(ens["lp_value"])
+    em = m["clustering"]["em"]
+    assert em["ari"] >= 0.9
+    ll = np.array(em["log_likelihood"])
+    assert np.all(np.diff(ll) >= -1e-6 * np.abs(ll[:-1]))
+    for f in ("report.md", "regret_dpo_vs_ensemble.png", "weights_minmax.png"):
+        assert (out / "report" / f).stat().st_size > 0
+    assert "regret_dpo_vs_ensemble.png" in (out / "report" / "report.md").read_text()
+
+    # --resume on a finished run skips every stage and changes nothing
+    before = (out / "report" / "metrics.json").read_text()
+    again = _run_cli("run", "recipes/bandit.yaml", "--output-dir", str(out), "--resume")
+    assert again.returncode == 0 and again.stdout.count("skip") == 5, again.stdout
+    assert (out / "report" / "metrics.json").read_text() == before
+
+
+def _recipe(tmp_path, body: str) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(f"extends: {ROOT / 'recipes' / 'bandit.yaml'}\nname: broken\n" + body)
+    return p
+
+
+@pytest.mark.parametrize("body, needle", [
+    ("stages:\n  - {name: em, trainer: em_dpoo}\n", "em_dpoo"),
+    ("stages:\n  - {name: em, config: {KK: 3}}\n", "stages.em.config.KK"),
+    ("stages:\n  - {name: minmax, inputs: {policies: emm}}\n", "emm"),
+])
+def test_bad_recipes_fail_with_one_line(tmp_path, body, needle):
+    proc = _run_cli("run", str(_recipe(tmp_path, body)), "--output-dir", str(tmp_path / "out"))
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert not (tmp_path / "out" / "run.json").exists()
+
+
+def test_dry_run_prints_plan_without_running(tmp_path):
+    proc = _run_cli("run", "recipes/bandit.yaml", "--dry-run", "--output-dir", str(tmp_path / "out"),
+                    "--set", "stages.em.config.K=4")
+    assert proc.returncode == 0, proc.stderr
+    for stage in ("data", "dpo", "em", "minmax", "report"):
+        assert stage in proc.stdout
+    assert "K: 4" in proc.stdout
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("row, needle", [
+    ({"prompt": "p", "chosen": "a", "rejected": "b"}, "annotator_id"),
+    ({"annotator_id": "a", "prompt": "p", "responses": ["x", "y"], "ranking": [0, 2]}, "ranking"),
+    ({"annotator_id": "a", "prompt": "p", "responses": ["x", ""], "ranking": [0, 1]}, "responses"),
+])
+def test_data_validate_names_row_and_field(tmp_path, row, needle):
+    good = {"annotator_id": "a", "prompt": "p", "chosen": "x", "rejected": "y"}
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    proc = _run_cli("data", "validate", str(f))
+    assert proc.returncode != 0
+    line = proc.stderr.strip()
+    assert len(line.splitlines()) == 1 and "row 2" in line and needle in line, line
