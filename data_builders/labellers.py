@@ -648,7 +648,7 @@ def score_items(
     prompts: Sequence[str],
     responses: Sequence[Sequence[str]],
     *,
-    progress: bool = False,
+    progress: bool | None = False,
     desc: str | None = None,
     chunk: int = 512,
 ) -> list[np.ndarray]:
@@ -656,7 +656,8 @@ def score_items(
 
     A pointwise labeller scores every distinct (prompt, response) once (cached by content).
     A pairwise labeller judges every pair of an item's responses and scores each response by
-    its Copeland score (wins - losses), so ties show up as equal scores.
+    its Copeland score (wins - losses), so ties show up as equal scores. `progress`: show a
+    bar (True), never (False), or only on a terminal (None).
     """
     from tqdm.auto import tqdm
 
@@ -669,7 +670,7 @@ def score_items(
                     keys.setdefault((p, rs[i], rs[j]), len(keys))
         triples = list(keys)
         verdicts = np.zeros(len(triples), dtype=np.int64)
-        bar = tqdm(total=len(triples), desc=desc, unit="pair", disable=not progress)
+        bar = tqdm(total=len(triples), desc=desc, unit="pair", disable=None if progress is None else not progress)
         for s in range(0, len(triples), chunk):
             part = triples[s : s + chunk]
             verdicts[s : s + len(part)] = labeller.compare([t[0] for t in part], [t[1] for t in part], [t[2] for t in part])
@@ -692,7 +693,7 @@ def score_items(
             index.setdefault((p, r), len(index))
     pairs = list(index)
     scores = np.empty(len(pairs), dtype=np.float64)
-    bar = tqdm(total=len(pairs), desc=desc, unit="text", disable=not progress)
+    bar = tqdm(total=len(pairs), desc=desc, unit="text", disable=None if progress is None else not progress)
     for s in range(0, len(pairs), chunk):
         part = pairs[s : s + chunk]
         scores[s : s + len(part)] = labeller.score([t[1] for t in part], [t[0] for t in part])

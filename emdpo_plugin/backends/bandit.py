@@ -2,8 +2,8 @@
 
 Policies map a context to a softmax over arms; the reference is uniform, and every new policy
 starts exactly at the reference (zero output layer). `fit` is full-batch Adam on the weighted
-Plackett-Luce/DPO loss and returns the best iterate it saw, the incoming parameters included,
-so each M-step never lowers the EM objective: the observed log-likelihood is then monotone.
+Plackett-Luce/DPO loss and keeps the best iterate it saw (the EM loop's generalised-EM guard
+then keeps the log-likelihood monotone).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _mlp(cfg: BanditModelConfig) -> nn.Sequential:
 class BanditBackend:
     """Implements the PolicyBackend verbs for the bandit; see backends/base.py."""
 
-    def __init__(self, config: dict[str, Any] | None = None, *, seed: int = 0) -> None:
+    def __init__(self, config: dict[str, Any] | None = None, *, seed: int = 0, run_dir: Path | None = None) -> None:
         self.cfg = BanditModelConfig.model_validate(config or {})
         self.beta = self.cfg.beta
         self.label_smoothing = self.cfg.label_smoothing
@@ -107,10 +107,7 @@ class BanditBackend:
             s = self._logprobs(policy, ctx, idx)
             return weighted_nll(comparison_loglik(s, ref, rankings, mask, self.beta, self.label_smoothing), w)
 
-        # The incoming parameters are a candidate too: a fit never makes the objective worse.
-        with torch.no_grad():
-            best_loss = loss_fn().item()
-        best_state = {k: v.clone() for k, v in policy.state_dict().items()}
+        best_loss, best_state = float("inf"), None
         if not warm:  # restart from the reference with the full schedule
             policy.load_state_dict(self.new_policy(self.seed).state_dict())
         steps = self.cfg.warm_epochs if warm else self.cfg.epochs

@@ -206,10 +206,17 @@ def _install_flash_attn_standins() -> None:
         return  # a real flash_attn is already imported; leave it alone
     if existing is None:
         try:
-            if importlib.util.find_spec("flash_attn") is not None:
-                return  # a real flash_attn is installed (importable); do not shadow it
+            real = importlib.util.find_spec("flash_attn") is not None
         except (ImportError, ValueError):
-            pass
+            real = False
+        if real:  # an installed flash_attn wins if it imports (a CUDA-only build may not on CPU)
+            try:
+                importlib.import_module("flash_attn.bert_padding")
+                importlib.import_module("flash_attn.utils.distributed")
+                return
+            except Exception:  # noqa: BLE001 - any failure: fall back to the stand-ins
+                for name in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
+                    del sys.modules[name]
     root = _new_module("flash_attn", package=True)
     bert_padding = _new_module("flash_attn.bert_padding", package=False, attrs={
         "index_first_axis": index_first_axis,

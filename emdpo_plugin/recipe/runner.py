@@ -22,18 +22,21 @@ from ..trainers.base import StageContext
 from .schema import Plan, PlannedStage
 from .state import RunState, config_hash, save_resolved_recipe
 
-BackendFactory = Callable[[dict[str, Any]], Any]
+BackendFactory = Callable[[dict[str, Any], Path], Any]
 
 
-def default_backend_factory(recipe: dict[str, Any]) -> Any:
-    """Build the PolicyBackend named by `model.backend` (default 'bandit') from the `model` section."""
+def default_backend_factory(recipe: dict[str, Any], run_dir: Path) -> Any:
+    """Build the PolicyBackend named by `model.backend` (default 'bandit') from the `model` section.
+
+    Backends get the run directory for their caches and to resolve `stage:NAME` model paths.
+    """
     model = dict(recipe.get("model") or {})
     name = model.pop("backend", "bandit")
     try:
         cls = registry.get(registry.POLICY_BACKENDS, name)
     except EmdpoError as exc:
         raise RecipeError(f"model.backend: {exc}") from None
-    return cls(copy.deepcopy(model), seed=recipe.get("seed", 0))
+    return cls(copy.deepcopy(model), seed=recipe.get("seed", 0), run_dir=run_dir)
 
 
 def stage_hash(plan: Plan, stage: PlannedStage) -> str:
@@ -93,7 +96,7 @@ def run_plan(
 
     def shared_backend() -> Any:  # one backend per run, built on first use only
         if "backend" not in backend_cache:
-            backend_cache["backend"] = backend_factory(plan.recipe)
+            backend_cache["backend"] = backend_factory(plan.recipe, run_dir)
         return backend_cache["backend"]
 
     for ps in plan.stages:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..data.io import DatasetDir, load_dataset_dir
 from ..errors import RecipeError
 from .base import StageContext
@@ -30,3 +32,10 @@ def policies_from(ctx: StageContext, outputs: dict[str, Any], slot: str = "polic
     if not outputs.get("policies"):
         raise RecipeError(f"stages.{ctx.stage_name}.inputs.{slot}: that stage produced no policies")
     return {name: ctx.backend.load(run_path(ctx, rel)) for name, rel in outputs["policies"].items()}
+
+
+def prompts_from(data, n: int, seed: int) -> list[str]:
+    """n distinct prompts of a dataset split, drawn with a seed (all of them if fewer)."""
+    distinct = sorted(set(data.prompts))
+    rng = np.random.default_rng(seed)
+    return [distinct[i] for i in sorted(rng.choice(len(distinct), size=min(n, len(distinct)), replace=False))]

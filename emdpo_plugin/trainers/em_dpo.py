@@ -18,6 +18,7 @@ config continues from the last finished iteration.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
@@ -81,21 +82,23 @@ class _Checkpoint:
     def __init__(self, root: Path, fingerprint: str) -> None:
         self.root, self.fingerprint = root, fingerprint
 
-    def load(self, backend: Any) -> tuple[dict[str, Any], list[Any]] | None:
+    def load(self, backend: Any) -> tuple[dict[str, Any], list[Any], np.ndarray] | None:
         state_file = self.root / "state.json"
         if not state_file.exists():
             return None
         state = json.loads(state_file.read_text())
         if state.get("fingerprint") != self.fingerprint:
             return None
-        return state, [backend.load(self.root / f"type{k}") for k in range(len(state["eta"]))]
+        policies = [backend.load(self.root / f"type{k}") for k in range(len(state["eta"]))]
+        return state, policies, np.load(self.root / "comparison_ll.npy")
 
-    def save(self, backend: Any, state: dict[str, Any], policies: list[Any]) -> None:
+    def save(self, backend: Any, state: dict[str, Any], policies: list[Any], comparison_ll: np.ndarray) -> None:
         tmp = self.root.with_name(self.root.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for k, p in enumerate(policies):
             backend.save(p, tmp / f"type{k}")
+        np.save(tmp / "comparison_ll.npy", comparison_ll)
         (tmp / "state.json").write_text(json.dumps({**state, "fingerprint": self.fingerprint}))
         old = self.root.with_name(self.root.name + ".old")
         if self.root.exists():
@@ -104,21 +107,40 @@ class _Checkpoint:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def m_step(backend: Any, policies: list[Any], data: ComparisonSet, weights: np.ndarray, ref: np.ndarray,
+           prev_ll: np.ndarray | None, warm: bool, desc: str) -> tuple[list[Any], np.ndarray, list[dict[str, Any]]]:
+    """Weighted DPO per type, then score every comparison under the new policies.
+
+    Generalised-EM guard: a type whose new policy lowers its weighted objective
+    `sum_j w_jk ll_k(j)` keeps its previous policy, so the observed log-likelihood can only grow
+    (an M-step solved by a few epochs of SGD is not guaranteed to improve it).
+    """
+    previous = [copy.deepcopy(p) for p in policies] if prev_ll is not None else None
+    fits = [backend.fit(p, data, weights[:, k], warm=warm, desc=f"{desc} type{k}") for k, p in enumerate(policies)]
+    ll = comparison_logliks(backend, policies, data, ref)
+    if previous is not None:
+        for k in range(len(policies)):
+            if weights[:, k] @ ll[:, k] < weights[:, k] @ prev_ll[:, k]:
+                policies[k], ll[:, k] = previous[k], prev_ll[:, k]
+                fits[k] = {**fits[k], "kept_previous": True}
+    return policies, ll, fits
+
+
 def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _Checkpoint, desc: str) -> tuple[dict[str, Any], list[Any]]:
     """One EM run from one seed; returns (state, policies). Resumes from `ckpt` if present."""
     ref = backend.ref_score(data)  # once per dataset, never inside the loop
     loaded = ckpt.load(backend)
     if loaded is not None:
-        state, policies = loaded
+        state, policies, ll = loaded
         if state["done"]:
             return state, policies
         log_resp = np.array(state["log_resp"])
     else:
+        ll = None
         if cfg.init == "seeded":
             policies = seed_policies(backend, data, ref, cfg.K, seed)
-            uniform = np.full(cfg.K, 1.0 / cfg.K)
-            log_resp = e_step(comparison_logliks(backend, policies, data, ref), data.annotator_index,
-                              data.n_annotators, uniform).log_resp
+            ll = comparison_logliks(backend, policies, data, ref)
+            log_resp = e_step(ll, data.annotator_index, data.n_annotators, np.full(cfg.K, 1.0 / cfg.K)).log_resp
         else:
             policies = [backend.new_policy(seed + 1000 * k) for k in range(cfg.K)]
             log_resp = np.log(dirichlet_responsibilities(data.n_annotators, cfg.K, seed, cfg.init_concentration))
@@ -128,19 +150,19 @@ def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _C
         eta = update_eta(log_resp)
         weights = comparison_weights(np.exp(log_resp), data.annotator_index, cfg.min_responsibility)
         warm = cfg.warm_start and (state["iteration"] > 0 or cfg.init == "seeded")
-        fits = [backend.fit(p, data, weights[:, k], warm=warm, desc=f"{desc} type{k}") for k, p in enumerate(policies)]
-        est = e_step(comparison_logliks(backend, policies, data, ref), data.annotator_index, data.n_annotators, eta)
+        policies, ll, fits = m_step(backend, policies, data, weights, ref, ll, warm, desc)
+        est = e_step(ll, data.annotator_index, data.n_annotators, eta)
         log_resp = est.log_resp
         trace = state["log_likelihood"]
         gain = est.log_likelihood - trace[-1] if trace else float("inf")
         trace.append(est.log_likelihood)
         state["eta_trace"].append(eta.tolist())
-        state["fit"].append({"rows_per_type": [f.get("rows") for f in fits]})
+        state["fit"].append(fits)
         state["iteration"] += 1
         state.update(eta=eta.tolist(), log_resp=log_resp.tolist())
         converged = abs(gain) <= cfg.tol * abs(est.log_likelihood)
         state["done"] = converged or state["iteration"] >= cfg.iterations
-        ckpt.save(backend, state, policies)
+        ckpt.save(backend, state, policies, ll)
         bar.update(1)
         bar.set_postfix(loglik=f"{est.log_likelihood:.3f}", eta=np.round(eta, 3).tolist())
         if converged:

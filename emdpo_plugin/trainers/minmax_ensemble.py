@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..algorithms.minmax import game_value_lp, optimistic_hedge, regret_matrix
 from .base import StageConfig, StageContext, Trainer
-from .common import policies_from
+from .common import dataset_from, policies_from, prompts_from
 
 
 class MinMaxConfig(StageConfig):
@@ -45,7 +45,8 @@ class MinMaxEnsembleStage(Trainer):
     name = "minmax_ensemble"
     description = "MinMax-DPO: min-max-regret mixture weights over an earlier stage's type policies."
     Config = MinMaxConfig
-    input_slots = {"policies": "a stage that produced type policies (em_dpo, cluster_dpo)"}
+    input_slots = {"policies": "a stage that produced type policies (em_dpo, cluster_dpo)",
+                   "dataset": "optional: draw the prompts x ~ D from its training prompts (language models)"}
     required_inputs = ("policies",)
 
     def run(self, ctx: StageContext, config: MinMaxConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -53,7 +54,10 @@ class MinMaxEnsembleStage(Trainer):
         named = policies_from(ctx, inputs["policies"])
         names, policies = list(named), list(named.values())
         seed = ctx.seed if config.seed is None else config.seed
-        prompts = backend.sample_prompts(config.prompts, seed)
+        if "dataset" in inputs:
+            prompts = prompts_from(dataset_from(ctx, inputs["dataset"]).train, config.prompts, seed)
+        else:
+            prompts = backend.sample_prompts(config.prompts, seed)
         L = estimate_L(backend, policies, prompts, config.samples_per_prompt, seed)
         R = regret_matrix(L, np.asarray(config.priority) if config.priority is not None else None)
         hedge = optimistic_hedge(R, eta=config.eta, steps=config.steps)

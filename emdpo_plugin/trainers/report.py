@@ -11,16 +11,20 @@ import json
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
-from ..eval.evaluate import clustering_report, evaluate_mixtures
+from ..eval.evaluate import clustering_report, estimate_regrets, evaluate_mixtures
 from ..eval.plots import grouped_bars, log_likelihood_trace, weight_convergence
 from ..eval.report_md import render_report
 from .base import StageConfig, StageContext, Trainer
-from .common import dataset_from, run_path
+from .common import dataset_from, prompts_from, run_path
 
 
 class ReportConfig(StageConfig):
     title: str | None = None
+    regret_reference: str | None = Field("em", description="stage whose type policies, matched to groups, stand in for each group's optimum when true rewards are unknown")
+    regret_prompts: int = Field(64, ge=1, description="test prompts for the regret estimate")
+    samples_per_prompt: int = Field(1, ge=1)
 
 
 class ReportStage(Trainer):
@@ -71,7 +75,17 @@ class ReportStage(Trainer):
                 ensembles[ens["name"]] = {**ens, "game": out.get("game")}
 
         oracle = backend.regret_oracle(ds.manifest) if hasattr(backend, "regret_oracle") else None
-        metrics["policies"] = evaluate_mixtures(backend, ds.test, mixtures, oracle)
+        regret_fn = None
+        if oracle is not None:
+            regret_fn = lambda name, mix, g: oracle(mix, g)  # noqa: E731 - exact, from true rewards
+        elif config.regret_reference in metrics["clustering"]:
+            ref_stage = config.regret_reference
+            t2g = metrics["clustering"][ref_stage]["type_to_group"]
+            group_policies = {g: mixtures[f"{ref_stage}/type{t}"][0][1] for g, t in t2g.items()}
+            prompts = prompts_from(ds.test, config.regret_prompts, ctx.seed)
+            estimates = estimate_regrets(backend, group_policies, mixtures, prompts, config.samples_per_prompt, ctx.seed)
+            regret_fn = lambda name, mix, g: estimates[name].get(g)  # noqa: E731
+        metrics["policies"] = evaluate_mixtures(backend, ds.test, mixtures, regret_fn)
         for name, ens in ensembles.items():
             per_group = {g: m["regret"] for g, m in metrics["policies"][name]["per_group"].items()}
             stage = name.split("/")[0]

@@ -1,0 +1,370 @@
+"""PolicyBackend for causal language models, trained through OpenRLHF's DeepSpeed strategy.
+
+One frozen base model is loaded once. With LoRA (`lora.rank > 0`) every type policy is an
+adapter on that base and the reference is the same base with adapters disabled: one copy of
+the weights in memory. A policy is the set of trainable tensors (adapter weights, or all weights
+for full fine-tuning); it is copied into the model to score, sample, train or save it.
+
+Reference log-probs of the dataset are computed once and cached on disk by comparison id
+(`<run>/cache/`); the reference model never runs inside EM iterations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from ..config import StrictModel
+from ..data.schema import ComparisonSet
+from ..errors import EmdpoError
+from .openrlhf_compat import apply_cpu_compat
+
+
+class LoraSpec(StrictModel):
+    rank: int = Field(16, ge=0, description="0 = full fine-tuning (one full copy per type)")
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+
+
+class TrainSpec(StrictModel):
+    micro_batch_size: int = 4
+    batch_size: int = 16
+    max_epochs: int = 1
+    warm_epochs: int | None = None  # epochs of a warm-started M-step (default: max_epochs)
+    lr: float = 5e-7
+    lr_warmup_steps: int = 150
+    lr_scheduler: str = "cosine_with_min_lr"
+    min_lr_ratio: float = 0.1
+    max_norm: float = 1.0
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    seed: int = 42
+
+
+class DSSpec(StrictModel):
+    zero_stage: int | None = None  # default: 2 on GPU, 0 on CPU
+    param_dtype: Literal["bf16", "fp16", "fp32"] | None = None  # default: bf16 on GPU, fp32 on CPU
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+
+
+class GenerationSpec(StrictModel):
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+class OpenRLHFModelConfig(StrictModel):
+    pretrain: str = Field(..., description="the SFT reference: a model folder, a hub id, or stage:NAME")
+    trust_remote_code: bool = False
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    max_len: int = 512
+    eval_batch_size: int = 16
+    lora: LoraSpec = LoraSpec()
+    train: TrainSpec = TrainSpec()
+    ds: DSSpec = DSSpec()
+    generation: GenerationSpec = GenerationSpec()
+
+
+@dataclass
+class LMPolicy:
+    """The trainable tensors of one type policy (on CPU)."""
+
+    state: dict[str, torch.Tensor]
+
+
+def resolve_pretrain(pretrain: str, run_dir: Path | None) -> str:
+    """`stage:NAME` -> the model folder that stage recorded in run.json (e.g. the `sft` stage)."""
+    if not pretrain.startswith("stage:"):
+        return pretrain
+    stage = pretrain.removeprefix("stage:")
+    run_json = (run_dir or Path(".")) / "run.json"
+    outputs = json.loads(run_json.read_text()).get("stages", {}).get(stage, {}).get("outputs", {}) if run_json.exists() else {}
+    if "model" not in outputs:
+        raise EmdpoError(f"model.pretrain: {pretrain!r} but stage {stage!r} has not produced a model in {run_json}")
+    return str((run_dir or Path(".")) / outputs["model"])
+
+
+class OpenRLHFBackend:
+    """Implements the PolicyBackend verbs (backends/base.py) on OpenRLHF."""
+
+    def __init__(self, config: dict[str, Any], *, seed: int = 0, run_dir: Path | None = None) -> None:
+        self.cfg = OpenRLHFModelConfig.model_validate(config)
+        self.beta, self.label_smoothing, self.seed = self.cfg.beta, self.cfg.label_smoothing, seed
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.cpu = apply_cpu_compat()
+        self.pretrain = resolve_pretrain(self.cfg.pretrain, self.run_dir)
+        self._tokens: dict[tuple[str, str], Any] = {}
+        self._ref_cache: dict[str, np.ndarray] | None = None
+        self.stats: dict[str, float] = {"ref_rows_computed": 0, "ref_rows_cached": 0, "ref_seconds": 0.0}
+        self._build()
+
+    # --- set-up -----------------------------------------------------------------------------
+    def _build(self) -> None:
+        from openrlhf.models import Actor
+        from openrlhf.utils import get_strategy
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .openrlhf_args import make_args
+
+        ds, tr = self.cfg.ds, self.cfg.train
+        overrides = {
+            "model.model_name_or_path": self.pretrain, "model.beta": self.beta,
+            "model.label_smoothing": self.label_smoothing,
+            "train.micro_batch_size": tr.micro_batch_size, "train.batch_size": tr.batch_size,
+            "train.seed": tr.seed, "train.max_epochs": tr.max_epochs, "data.max_len": self.cfg.max_len,
+            "ds.attn_implementation": ds.attn_implementation, "max_norm": tr.max_norm,
+            "ds.lora.rank": self.cfg.lora.rank, "ds.lora.alpha": self.cfg.lora.alpha,
+            "model.gradient_checkpointing_enable": ds.gradient_checkpointing,
+        }
+        if ds.zero_stage is not None:
+            overrides["ds.zero_stage"] = ds.zero_stage
+        if ds.param_dtype is not None:
+            overrides["ds.param_dtype"] = ds.param_dtype
+        self.args = make_args(overrides)
+        self.strategy = get_strategy(self.args)
+        self.strategy.setup_distributed()
+
+        from openrlhf.utils.utils import convert_to_torch_dtype
+
+        dtype = convert_to_torch_dtype(self.args.ds.param_dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.pretrain, trust_remote_code=self.cfg.trust_remote_code)
+        if self.tokenizer.pad_token is None:  # the host's get_tokenizer rule
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(
+            self.pretrain, trust_remote_code=self.cfg.trust_remote_code,
+            attn_implementation=ds.attn_implementation, torch_dtype=dtype)
+        model.config.use_cache = False
+        if self.cfg.lora.rank > 0:
+            from peft import LoraConfig, TaskType, get_peft_model
+
+            model.enable_input_require_grads()
+            model = get_peft_model(model, LoraConfig(
+                task_type=TaskType.CAUSAL_LM, r=self.cfg.lora.rank, lora_alpha=self.cfg.lora.alpha,
+                target_modules=self.cfg.lora.target_modules, lora_dropout=self.cfg.lora.dropout, bias="none"))
+        if ds.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.actor = Actor(model)
+        self.module = model  # the raw (peft) module; DeepSpeed engines wrap it per fit
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.module.to(self.device)
+        self.trainable = [n for n, p in self.module.named_parameters() if p.requires_grad]
+        self.base_state = self._snapshot()  # the reference (LoRA: B = 0, so adapters are the identity)
+
+    @property
+    def lora(self) -> bool:
+        return self.cfg.lora.rank > 0
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        params = dict(self.module.named_parameters())
+        return {n: params[n].detach().to("cpu", copy=True) for n in self.trainable}
+
+    @torch.no_grad()
+    def _activate(self, policy: LMPolicy | None) -> None:
+        params = dict(self.module.named_parameters())
+        state = self.base_state if policy is None else policy.state
+        for n in self.trainable:
+            params[n].copy_(state[n])
+
+    def _reference(self):
+        """Context in which the model is the reference: adapters off (LoRA) or base weights."""
+        if self.lora:
+            return self.module.disable_adapter()
+        self._activate(None)
+        return torch.no_grad()
+
+    # --- tokenization (OpenRLHF's DPO convention: prompt + response + eos) -------------------
+    def _tokenize(self, prompt: str, response: str):
+        from .weighted_dpo import Tokenized
+
+        key = (prompt, response)
+        if key not in self._tokens:
+            tok, eos = self.tokenizer, self.tokenizer.eos_token
+            text = (prompt + response).rstrip("\n")
+            if not text.endswith(eos):
+                text += " " + eos
+            enc = tok(text, max_length=self.cfg.max_len, truncation=True, padding=False,
+                      return_tensors="pt", add_special_tokens=False)
+            enc["input_ids"][0][-1] = tok.eos_token_id
+            enc["attention_mask"][0][-1] = True
+            plen = len(tok(prompt, add_special_tokens=False)["input_ids"])
+            if plen >= self.cfg.max_len - 2:
+                raise EmdpoError(f"a prompt of {plen} tokens leaves no room for its response within "
+                                 f"model.max_len={self.cfg.max_len} (prompt starts {prompt[:60]!r}); raise max_len")
+            self._tokens[key] = Tokenized(enc["input_ids"], enc["attention_mask"], plen)
+        return self._tokens[key]
+
+    # --- scoring --------------------------------------------------------------------------
+    @torch.no_grad()
+    def _score_active(self, prompts: list[str], responses: list[list[str]], desc: str) -> np.ndarray:
+        from .weighted_dpo import collate_responses, sequence_logps
+
+        width = max(len(r) for r in responses)
+        out = np.full((len(prompts), width), np.nan)
+        flat = [(i, j, self._tokenize(p, r)) for i, (p, rs) in enumerate(zip(prompts, responses)) for j, r in enumerate(rs)]
+        flat.sort(key=lambda t: t[2].input_ids.shape[1])  # length-sorted batches pad little
+        self.module.eval()
+        bs = self.cfg.eval_batch_size
+        for s in tqdm(range(0, len(flat), bs), desc=desc, leave=False, disable=len(flat) <= bs):
+            chunk = flat[s: s + bs]
+            batch, _ = collate_responses([[t] for _, _, t in chunk], self.tokenizer.pad_token_id)
+            batch.input_ids, batch.attention_mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
+            logps = sequence_logps(self.actor, batch).squeeze(1).double().cpu().numpy()
+            for (i, j, _), v in zip(chunk, logps):
+                out[i, j] = v
+        return out
+
+    def score(self, policy: LMPolicy | None, prompts: list[str], responses: list[list[str]]) -> np.ndarray:
+        if policy is None:
+            with self._reference():
+                return self._score_active(prompts, responses, "score reference")
+        self._activate(policy)
+        return self._score_active(prompts, responses, "score")
+
+    def _cache_file(self) -> Path | None:
+        if self.run_dir is None:
+            return None
+        key = hashlib.sha256(json.dumps([self.pretrain, self.cfg.max_len, self.args.ds.param_dtype]).encode()).hexdigest()[:16]
+        return self.run_dir / "cache" / f"ref_logps-{key}.npz"
+
+    def ref_score(self, data: ComparisonSet) -> np.ndarray:
+        """Reference log-probs, computed once per comparison id and kept on disk."""
+        if self._ref_cache is None:
+            f = self._cache_file()
+            self._ref_cache = dict(np.load(f, allow_pickle=False)) if f is not None and f.exists() else {}
+        missing = [i for i, cid in enumerate(data.comparison_ids) if cid not in self._ref_cache]
+        self.stats["ref_rows_cached"] += len(data) - len(missing)
+        if missing:
+            t = time.perf_counter()
+            scores = self.score(None, [data.prompts[i] for i in missing], [data.responses[i] for i in missing])
+            for row, i in enumerate(missing):
+                self._ref_cache[data.comparison_ids[i]] = scores[row, : len(data.responses[i])]
+            self.stats["ref_rows_computed"] += len(missing)
+            self.stats["ref_seconds"] += time.perf_counter() - t
+            f = self._cache_file()
+            if f is not None:
+                f.parent.mkdir(parents=True, exist_ok=True)
+                tmp = f.with_suffix(".tmp.npz")
+                np.savez(tmp, **self._ref_cache)
+                tmp.replace(f)
+        out = np.full((len(data), data.max_responses), np.nan)
+        for i, cid in enumerate(data.comparison_ids):
+            v = self._ref_cache[cid]
+            out[i, : len(v)] = v
+        return out
+
+    # --- policies -------------------------------------------------------------------------
+    def new_policy(self, seed: int) -> LMPolicy:
+        """A policy equal to the reference: LoRA A re-drawn with `seed`, B = 0; or the base weights."""
+        if not self.lora:
+            return LMPolicy({n: t.clone() for n, t in self.base_state.items()})
+        from peft.tuners.lora import LoraLayer
+
+        torch.manual_seed(seed)
+        for module in self.module.modules():
+            if isinstance(module, LoraLayer):
+                for name in module.active_adapters:
+                    module.reset_lora_parameters(name, True)
+        return LMPolicy(self._snapshot())
+
+    def fit(self, policy: LMPolicy, data: ComparisonSet, weights: np.ndarray, *, warm: bool = True,
+            desc: str = "") -> dict[str, Any]:
+        from .weighted_dpo import WeightedComparisons, WeightedDPOTrainer
+
+        keep = np.flatnonzero(np.asarray(weights) > 0)
+        if len(keep) == 0:
+            return {"rows": 0, "steps": 0}
+        t = time.perf_counter()
+        ref = self.ref_score(data)[keep]
+        tokens = [[self._tokenize(data.prompts[i], r) for r in data.responses[i]] for i in keep]
+        w = np.asarray(weights, dtype=np.float64)[keep]
+        dataset = WeightedComparisons(tokens, data.rankings[keep], ref, w, self.tokenizer.pad_token_id)
+        self._activate(policy if warm else None)
+        tr = self.cfg.train
+        epochs = (tr.warm_epochs or tr.max_epochs) if warm else tr.max_epochs
+        loader = self.strategy.setup_dataloader(dataset, tr.micro_batch_size, True, True, dataset.collate_fn,
+                                                drop_last=False)
+        steps = max(1, math.ceil(len(loader) * epochs / self.strategy.accumulated_gradient))
+        optim_cfg = {
+            "optim": "adam",
+            "adam": {"lr": tr.lr, "betas": tuple(tr.adam_betas), "eps": 1e-8, "weight_decay": tr.weight_decay},
+            "lr_scheduler": tr.lr_scheduler, "lr_warmup_ratio": min(1.0, tr.lr_warmup_steps / steps),
+            "min_lr_ratio": tr.min_lr_ratio, "max_norm": tr.max_norm, "scheduler_steps": steps,
+        }
+        self.actor.model = self.module  # a fresh DeepSpeed engine (and optimizer state) per M-step
+        actor, optim, scheduler = self.strategy.prepare((self.actor, optim_cfg))
+        trainer = WeightedDPOTrainer(actor, self.strategy, self.tokenizer, optim, loader, scheduler,
+                                     beta=self.beta, label_smoothing=self.label_smoothing,
+                                     mean_weight=float(w.mean()), max_epochs=epochs, max_norm=tr.max_norm)
+        stats = trainer.fit(self.args, desc=desc or "M-step")
+        self.actor.model = self.module
+        policy.state = self._snapshot()
+        return {**stats, "rows": int(len(keep)), "seconds": time.perf_counter() - t}
+
+    @torch.no_grad()
+    def sample(self, policy: LMPolicy, prompts: list[str], n: int, seed: int) -> list[list[str]]:
+        """n completions per prompt with HF generate (the serving issue adds vLLM)."""
+        self._activate(policy)
+        self.module.eval()
+        g = self.cfg.generation
+        tok = self.tokenizer
+        torch.manual_seed(seed)
+        out: list[list[str]] = []
+        bs = max(1, self.cfg.eval_batch_size // n)
+        side = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            for s in tqdm(range(0, len(prompts), bs), desc="sample", leave=False):
+                enc = tok(prompts[s: s + bs], return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+                gen = self.module.generate(**enc, do_sample=True, temperature=g.temperature, top_p=g.top_p,
+                                           max_new_tokens=g.max_new_tokens, num_return_sequences=n,
+                                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True)
+                texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                out.extend(texts[i * n:(i + 1) * n] for i in range(len(texts) // n))
+        finally:
+            tok.padding_side = side
+        return out
+
+    def sample_prompts(self, n: int, seed: int) -> list[str]:
+        raise EmdpoError("language-model backends draw regret prompts from the data: give the "
+                         "minmax_ensemble stage `inputs: {dataset: <data stage>}`")
+
+    def save(self, policy: LMPolicy, path: Path) -> None:
+        """A PEFT adapter folder (LoRA) or a save_pretrained model folder (full fine-tuning)."""
+        self._activate(policy)
+        path.mkdir(parents=True, exist_ok=True)
+        self.module.save_pretrained(path)
+        if not self.lora:
+            self.tokenizer.save_pretrained(path)
+
+    def load(self, path: Path) -> LMPolicy:
+        from safetensors.torch import load_file
+
+        if self.lora:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.module, load_file(str(path / "adapter_model.safetensors")))
+            return LMPolicy(self._snapshot())
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise EmdpoError(f"{path}: no *.safetensors model files")
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(load_file(str(f)))
+        params = dict(self.module.named_parameters())
+        with torch.no_grad():
+            for n in self.trainable:
+                params[n].copy_(state[n])
+        return LMPolicy(self._snapshot())
