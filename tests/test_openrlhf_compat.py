@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -185,7 +184,7 @@ def test_build_tiny_lm_sft_loads_offline_and_generates(tiny_lm):
 
     path, texts, seconds = tiny_lm
     assert is_built(path)
-    assert seconds < 120, f"tiny build took {seconds:.0f} s"
+    assert seconds < 300, f"tiny build took {seconds:.0f} s (about 20 s on an idle 2-core machine)"
     info = read_build_info(path)
     sft = info["sft"]
     assert sft["steps"] == info["config"]["sft_steps"] == len(sft["step_losses"])

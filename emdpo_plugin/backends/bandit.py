@@ -49,6 +49,8 @@ def _mlp(cfg: BanditModelConfig) -> nn.Sequential:
 class BanditBackend:
     """Implements the PolicyBackend verbs for the bandit; see backends/base.py."""
 
+    Config = BanditModelConfig
+
     def __init__(self, config: dict[str, Any] | None = None, *, seed: int = 0, run_dir: Path | None = None) -> None:
         self.cfg = BanditModelConfig.model_validate(config or {})
         self.beta = self.cfg.beta

@@ -94,11 +94,14 @@ def resolve_pretrain(pretrain: str, run_dir: Path | None) -> str:
     outputs = json.loads(run_json.read_text()).get("stages", {}).get(stage, {}).get("outputs", {}) if run_json.exists() else {}
     if "model" not in outputs:
         raise EmdpoError(f"model.pretrain: {pretrain!r} but stage {stage!r} has not produced a model in {run_json}")
-    return str((run_dir or Path(".")) / outputs["model"])
+    local = (run_dir or Path(".")) / outputs["model"]
+    return str(local) if outputs.get("built") else outputs["model"]
 
 
 class OpenRLHFBackend:
     """Implements the PolicyBackend verbs (backends/base.py) on OpenRLHF."""
+
+    Config = OpenRLHFModelConfig
 
     def __init__(self, config: dict[str, Any], *, seed: int = 0, run_dir: Path | None = None) -> None:
         self.cfg = OpenRLHFModelConfig.model_validate(config)
@@ -136,6 +139,10 @@ class OpenRLHFBackend:
         self.args = make_args(overrides)
         self.strategy = get_strategy(self.args)
         self.strategy.setup_distributed()
+        world = self.strategy.world_size
+        if tr.batch_size % (tr.micro_batch_size * world) != 0:
+            raise EmdpoError(f"model.train.batch_size ({tr.batch_size}) must be a multiple of "
+                             f"micro_batch_size ({tr.micro_batch_size}) x data-parallel processes ({world})")
 
         from openrlhf.utils.utils import convert_to_torch_dtype
 
@@ -145,7 +152,7 @@ class OpenRLHFBackend:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         model = AutoModelForCausalLM.from_pretrained(
             self.pretrain, trust_remote_code=self.cfg.trust_remote_code,
-            attn_implementation=ds.attn_implementation, torch_dtype=dtype)
+            attn_implementation=ds.attn_implementation, dtype=dtype)
         model.config.use_cache = False
         if self.cfg.lora.rank > 0:
             from peft import LoraConfig, TaskType, get_peft_model
@@ -157,6 +164,7 @@ class OpenRLHFBackend:
         if ds.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.actor = Actor(model)
+        self.actor.packing_samples = False  # Actor sets this only when it loads the model itself
         self.module = model  # the raw (peft) module; DeepSpeed engines wrap it per fit
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.module.to(self.device)

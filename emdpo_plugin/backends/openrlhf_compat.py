@@ -27,8 +27,10 @@ returns False (real GPUs use the real flash-attn and CUDA). Otherwise it install
    still needs real flash-attn kernels in transformers and is not supported on CPU.
 
 2. ``torch.cuda`` calls made by OpenRLHF on the SFT/DPO path, made harmless on CPU:
-   - ``torch.cuda.set_device(local_rank)`` in ``DeepspeedStrategy.setup_distributed`` (CPU
-     torch raises ``AttributeError``: no ``torch._C._cuda_setDevice``) -> no-op.
+   - ``torch.cuda.set_device(local_rank)`` in ``DeepspeedStrategy.setup_distributed``, and
+     again inside the ``init_device_mesh("cuda", ...)`` call that follows it (CPU torch raises
+     ``AttributeError``: no ``torch._C._cuda_setDevice``) -> no-op. With it the "cuda" device
+     mesh builds fine over gloo on CPU; only its process groups are used (DP sampler).
    - ``torch.cuda.current_device()`` in ``DeepspeedStrategy.all_reduce``/``all_gather``
      (called every training step to average the log dict; raises "Torch not compiled with
      CUDA enabled") -> returns ``torch.device("cpu")``, which is what ``tensor.to(...)`` and
@@ -38,8 +40,6 @@ returns False (real GPUs use the real flash-attn and CUDA). Otherwise it install
    ``torch.cuda.empty_cache()`` is already a no-op on CPU torch (it only acts when CUDA was
    initialised), so it is left alone. Nothing else in ``torch.cuda`` is touched;
    ``torch.cuda.is_available()`` still returns False.
-   ``init_device_mesh("cuda", ...)`` in ``setup_distributed`` works on CPU torch with the
-   gloo backend as it is (measured), so it is not patched.
 
 3. DeepSpeed:
    - ``deepspeed.comm.torch.build_shm_op`` -> returns None. Otherwise the first

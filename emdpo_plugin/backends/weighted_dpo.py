@@ -100,6 +100,11 @@ class WeightedDPOTrainer(DPOTrainer):
         self.mean_weight = mean_weight  # over the whole weighted set: minibatch losses are unbiased
 
     def fit(self, args, consumed_samples=0, num_update_steps_per_epoch=None, desc: str = "M-step") -> dict:
+        # the host's conventions: -1 means once per epoch (eval) and never (checkpoints)
+        if args.eval.steps == -1:
+            args.eval.steps = float("inf")
+        if args.ckpt.save_steps == -1:
+            args.ckpt.save_steps = float("inf")
         device = next(self.model.parameters()).device
         losses: list[float] = []
         step = 1

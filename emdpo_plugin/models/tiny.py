@@ -143,7 +143,13 @@ def build_tiny_lm(
 
     ``sft_steps`` optimizer steps of ``batch_size`` texts each (the texts are repeated as
     needed; one OpenRLHF epoch), AdamW at ``lr`` with OpenRLHF's cosine-with-min-lr schedule,
-    fp32, ZeRO 0. Deterministic for a given ``seed`` and thread count.
+    fp32, ZeRO 0. Deterministic for a given ``seed`` and thread count (bit-identical
+    weights across runs, measured). ``vocab_size`` is an upper bound: BPE stops merging when
+    pairs occurring at least twice run out (200 templated sentences give about 490 tokens).
+    An ``out_dir`` that already holds a finished model is returned unchanged, whatever the
+    arguments; a non-empty ``out_dir`` without one raises ``FileExistsError``.
+    Side effects: runs OpenRLHF's ``setup_distributed`` in this process (a 1-process gloo
+    group stays initialised, and ``transformers.set_seed(seed)`` reseeds the global RNGs).
     """
     out_dir = Path(out_dir)
     if is_built(out_dir):
@@ -198,9 +204,13 @@ def build_tiny_lm(
             (tmp / MARKER).write_text(json.dumps(
                 {"format": "emdpo-tiny-lm/v1", "config": config, "sft": sft, "timings_s": timings}, indent=2))
             bar.update()
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        os.replace(tmp, out_dir)
+        try:
+            if out_dir.exists():
+                out_dir.rmdir()  # empty (checked above)
+            os.replace(tmp, out_dir)
+        except OSError:
+            if not is_built(out_dir):  # a concurrent build of the same folder may have won
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -245,6 +255,7 @@ def _sft_through_openrlhf(init_dir: Path, save_dir: Path, texts: list[str], *, m
 
     apply_cpu_compat()
     import datasets
+    import torch
     from openrlhf.datasets import SFTDataset
     from openrlhf.models import Actor
     from openrlhf.utils import get_strategy, get_tokenizer
@@ -291,8 +302,9 @@ def _sft_through_openrlhf(init_dir: Path, save_dir: Path, texts: list[str], *, m
     eos = tokenizer.eos_token
     train_data = datasets.Dataset.from_dict({"text": [t + " " + eos for t in items]})
     train_dataset = SFTDataset(train_data, tokenizer, max_len, strategy, pretrain_mode=True, num_processors=1)
-    train_dataloader = strategy.setup_dataloader(train_dataset, args.train.micro_batch_size, True, True,
-                                                 train_dataset.collate_fn)
+    train_dataloader = strategy.setup_dataloader(train_dataset, args.train.micro_batch_size,
+                                                 pin_memory=torch.cuda.is_available(), shuffle=True,
+                                                 collate_fn=train_dataset.collate_fn)
     num_update_steps_per_epoch = max(1, len(train_dataloader) // strategy.accumulated_gradient)
     cfg = dict(
         optim=args.optim,

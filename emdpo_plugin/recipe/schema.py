@@ -132,13 +132,22 @@ def load_trainer(ref: str, *, where: str = "") -> type:
 
 
 def _check_backend(model: dict[str, Any]) -> None:
-    """Name check only: the backend itself is built lazily, when a stage first needs it."""
+    """Name and config check: the backend itself is built lazily, when a stage first needs it.
+
+    A backend class may declare its pydantic `Config`; the `model` section (less `backend`)
+    is validated against it here, so a typo fails at --dry-run, not an hour into a run."""
     backend = model.get("backend", "bandit")
     if not isinstance(backend, str) or not backend:
         raise RecipeError(f"model.backend: expected a backend name, got {backend!r}")
     if ":" not in backend and backend not in registry.names(registry.POLICY_BACKENDS):
         known = ", ".join(registry.names(registry.POLICY_BACKENDS)) or "none"
         raise RecipeError(f"model.backend: unknown policy backend {backend!r} (registered: {known})")
+    config_model = getattr(registry.get(registry.POLICY_BACKENDS, backend), "Config", None)
+    if config_model is not None:
+        try:
+            config_model.model_validate({k: v for k, v in model.items() if k != "backend"})
+        except ValidationError as exc:
+            raise RecipeError(format_validation_error(exc, "model", model=config_model)) from None
 
 
 def _check_inputs(spec: StageSpec, trainer: type, earlier: list[str], all_names: list[str]) -> None:

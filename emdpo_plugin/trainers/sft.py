@@ -1,0 +1,59 @@
+"""`sft` stage: the reference policy pi_SFT every later stage starts from and compares against.
+
+`model: tiny` builds a small Llama locally (tokenizer trained on the dataset's texts, a short
+SFT through OpenRLHF's SFT path): the offline CPU default. Any other value (a model folder or
+a hub id) is used as the SFT model as is; the stage records it so `model.pretrain: stage:sft`
+resolves to it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from .base import StageConfig, StageContext, Trainer
+from .common import dataset_from, rel_path
+
+
+class SFTConfig(StageConfig):
+    model: str = Field("tiny", description="'tiny' (built locally) or an existing SFT model folder / hub id")
+    vocab_size: int = 2000
+    hidden_size: int = 64
+    layers: int = 2
+    heads: int = 4
+    max_position: int = 256
+    sft_steps: int = 150
+    batch_size: int = 16
+    lr: float = 3e-3
+    max_texts: int = 4000  # distinct prompt + response texts drawn from the training data
+    seed: int | None = None
+
+
+class SFTStage(Trainer):
+    name = "sft"
+    description = "The SFT reference: build a tiny local model (offline default) or record an existing one."
+    Config = SFTConfig
+    input_slots = {"dataset": "texts for the tokenizer and SFT (model: tiny)"}
+
+    def run(self, ctx: StageContext, config: SFTConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        if config.model != "tiny":
+            return {"model": config.model, "built": False}
+        import numpy as np
+
+        from ..models.tiny import build_tiny_lm
+
+        if "dataset" not in inputs:
+            from ..errors import RecipeError
+
+            raise RecipeError(f"stages.{ctx.stage_name}.inputs.dataset: model: tiny trains on a dataset's texts")
+        data = dataset_from(ctx, inputs["dataset"]).train
+        texts = sorted({row.prompt + r for row in data.rows for r in row.responses})
+        seed = ctx.seed if config.seed is None else config.seed
+        rng = np.random.default_rng(seed)
+        if len(texts) > config.max_texts:
+            texts = [texts[i] for i in sorted(rng.choice(len(texts), config.max_texts, replace=False))]
+        path = build_tiny_lm(texts, ctx.out_dir / "model", vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                             layers=config.layers, heads=config.heads, max_position=config.max_position,
+                             sft_steps=config.sft_steps, batch_size=config.batch_size, lr=config.lr, seed=seed)
+        return {"model": rel_path(ctx, path), "built": True, "texts": len(texts)}

@@ -1,0 +1,129 @@
+"""The language-model PolicyBackend on OpenRLHF/DeepSpeed, for real, on CPU with a tiny local model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from emdpo_plugin.algorithms.likelihood import comparison_loglik
+from emdpo_plugin.data.schema import Comparison, ComparisonSet
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from emdpo_plugin.models.tiny import build_tiny_lm, demo_sentences
+
+    return build_tiny_lm(demo_sentences(200), tmp_path_factory.mktemp("tiny") / "model", sft_steps=20)
+
+
+def _backend(model: Path, run_dir: Path, **overrides):
+    from emdpo_plugin.backends.openrlhf_backend import OpenRLHFBackend
+
+    cfg = {"pretrain": str(model), "max_len": 64, "beta": 0.1, "eval_batch_size": 32,
+           "lora": {"rank": 0}, "train": {"lr": 1e-3, "micro_batch_size": 8, "batch_size": 8, "lr_warmup_steps": 1}}
+    for k, v in overrides.items():
+        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+    return OpenRLHFBackend(cfg, seed=0, run_dir=run_dir)
+
+
+def _pairs(n=32) -> ComparisonSet:
+    rows = []
+    for i in range(n):
+        good, bad = (" a great and moving film", " a dull and boring film")
+        rows.append(Comparison(f"a{i % 4}", f"review {i % 8}: it was", [good, bad] if i % 2 else [bad, good],
+                               [0, 1] if i % 2 else [1, 0], f"c{i}"))
+    return ComparisonSet(rows)
+
+
+def _margin(backend, policy, data) -> float:
+    s = backend.score(policy, data.prompts, data.responses)
+    rows = np.arange(len(data))
+    return float(np.mean(s[rows, data.rankings[:, 0]] - s[rows, data.rankings[:, 1]]))
+
+
+@pytest.mark.parametrize("lora", [0, 8])
+def test_fit_moves_policy_toward_preferences_and_roundtrips(tiny_model, tmp_path, lora):
+    be = _backend(tiny_model, tmp_path, lora={"rank": lora})
+    data = _pairs()
+    policy = be.new_policy(1)
+    np.testing.assert_allclose(be.score(policy, data.prompts, data.responses), be.ref_score(data), atol=1e-5)
+    before = _margin(be, policy, data)
+    stats = be.fit(policy, data, np.ones(len(data)), warm=False)
+    assert stats["rows"] == len(data) and stats["steps"] == 4
+    assert _margin(be, policy, data) > before + 1.0
+    # the reference is untouched (LoRA: adapters disabled; full: base weights)
+    np.testing.assert_allclose(be.score(None, data.prompts, data.responses), be.ref_score(data), atol=1e-5)
+    be.save(policy, tmp_path / "p")
+    assert (tmp_path / "p" / ("adapter_config.json" if lora else "config.json")).exists()
+    again = be.load(tmp_path / "p")
+    np.testing.assert_allclose(be.score(again, data.prompts, data.responses),
+                               be.score(policy, data.prompts, data.responses), atol=1e-6)
+
+
+def test_weighted_loss_is_the_weighted_likelihood(tiny_model, tmp_path):
+    """One full batch, lr 0: the trainer's loss equals -sum w ll / sum w from independent scoring."""
+    be = _backend(tiny_model, tmp_path, train={"lr": 1e-3, "micro_batch_size": 32, "batch_size": 32})
+    data = _pairs()
+    policy = be.new_policy(0)
+    be.fit(policy, data, np.ones(len(data)), warm=False)  # move away from the reference first
+    w = np.random.default_rng(0).uniform(0.1, 2.0, len(data))
+    w[::4] = 0.0  # sparsity: these rows are skipped
+    ll = comparison_loglik(be.score(policy, data.prompts, data.responses), be.ref_score(data),
+                           data.rankings, data.response_mask, be.beta)
+    expected = -(w * ll).sum() / w.sum()
+    be.cfg.train.lr = 0.0
+    stats = be.fit(policy, data, w, warm=True)
+    assert stats["rows"] == int((w > 0).sum())
+    assert stats["loss_first"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_rankings_use_plackett_luce(tiny_model, tmp_path):
+    be = _backend(tiny_model, tmp_path, train={"micro_batch_size": 4, "batch_size": 4, "max_epochs": 3})
+    rows = [Comparison("a", "it was", [" great", " fine", " awful"], [0, 1, 2], f"r{i}") for i in range(16)]
+    data = ComparisonSet(rows)
+    policy = be.new_policy(0)
+    ll0 = comparison_loglik(be.score(policy, data.prompts, data.responses), be.ref_score(data),
+                            data.rankings, data.response_mask, be.beta).mean()
+    be.fit(policy, data, np.ones(len(data)), warm=False)
+    ll1 = comparison_loglik(be.score(policy, data.prompts, data.responses), be.ref_score(data),
+                            data.rankings, data.response_mask, be.beta).mean()
+    assert ll0 == pytest.approx(-np.log(6), abs=1e-4)  # policy = reference: uniform over 3! orders
+    assert ll1 > ll0 + 0.5
+
+
+def test_reference_logps_are_cached_on_disk(tiny_model, tmp_path):
+    data = _pairs(16)
+    first = _backend(tiny_model, tmp_path)
+    ref = first.ref_score(data)
+    assert first.stats["ref_rows_computed"] == 16
+    second = _backend(tiny_model, tmp_path)  # a resumed run: nothing recomputed
+    np.testing.assert_array_equal(second.ref_score(data), ref)
+    assert second.stats["ref_rows_computed"] == 0 and second.stats["ref_rows_cached"] == 16
+
+
+def test_sample_returns_n_completions_per_prompt(tiny_model, tmp_path):
+    be = _backend(tiny_model, tmp_path, generation={"max_new_tokens": 8})
+    out = be.sample(be.new_policy(0), ["the film was", "i think"], 3, seed=0)
+    assert len(out) == 2 and all(len(o) == 3 for o in out)
+    assert all(isinstance(t, str) for o in out for t in o)
+
+
+@pytest.mark.slow
+def test_data_parallel_fit_two_processes_train_the_same_model(tiny_model, tmp_path):
+    script = ROOT / "tests" / "dp_fit_worker.py"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_addr", "127.0.0.1", "--master_port", "29533", str(script), str(tiny_model),
+                           str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert results[0]["world_size"] == results[1]["world_size"] == 2
+    assert results[0]["digest"] == results[1]["digest"]  # identical parameters on both ranks
+    assert results[0]["margin_after"] > results[0]["margin_before"] + 0.5
