@@ -38,7 +38,9 @@ Choices made here (the paper leaves them open):
 - Only items that some annotator (or the test split) uses are labelled, each distinct
   (prompt, completion) once.
 - Grammar is checked on prompt + completion and only errors inside the completion count
-  (a completion continues its prompt); sentiment is scored on the completion alone.
+  (a completion continues its prompt; `grammar.context`, default on except for the
+  `generated` source whose completions are whole sentences); sentiment is scored on the
+  completion alone.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ class SourceConfig(StrictModel):
     prompt_tokens: int = Field(20, ge=1)
     limit: int | None = Field(None, ge=1)  # read at most this many rows
     # generated
-    pool_size: int = Field(6000, ge=1)  # training prompts; test_size more are made for the test split
+    pool_size: int = Field(4000, ge=1)  # training prompts; test_size more are made for the test split
     error_probs: list[float] = Field(default_factory=lambda: [0.35, 0.3, 0.2, 0.15])  # P(k injected errors)
     sentiment_levels: list[int] = Field(default_factory=lambda: [-2, -1, 0, 1, 2])
 
@@ -137,7 +139,10 @@ class GrammarConfig(_JudgeFields):
     ignore_categories: list[str] = Field(default_factory=list)  # languagetool
     model: str | None = None  # llm_judge
     workers: int | None = None
-    context: bool = True  # check prompt + completion, count errors in the completion
+    # check prompt + completion and count errors in the completion; None: on for hf/file
+    # sources (completions continue their prompt mid-sentence), off for `generated` (its
+    # completions are whole sentences, so the prompt changes nothing and halves the work)
+    context: bool | None = None
 
 
 class SentimentConfig(_JudgeFields):
@@ -696,6 +701,8 @@ def _labellers(cfg: ImdbConfig) -> dict[str, Any]:
     for kind, gcfg in (("grammar", cfg.grammar), ("sentiment", cfg.sentiment)):
         # only options the user set are passed: each engine keeps its own defaults
         opts = {k: getattr(gcfg, k) for k in _ENGINE_OPTIONS[(kind, gcfg.engine)] if k in gcfg.model_fields_set}
+        if "context" in _ENGINE_OPTIONS[(kind, gcfg.engine)]:
+            opts["context"] = gcfg.context if gcfg.context is not None else cfg.source.kind != "generated"
         out[kind] = make_labeller(kind, gcfg.engine, **opts)
     return out
 

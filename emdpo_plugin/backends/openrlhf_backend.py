@@ -175,6 +175,16 @@ class OpenRLHFBackend:
     def lora(self) -> bool:
         return self.cfg.lora.rank > 0
 
+    @property
+    def base_model(self) -> str:
+        """What routing.yaml names as the base: an absolute local folder, or the hub id."""
+        local = Path(self.pretrain)
+        return str(local.resolve()) if local.exists() else self.pretrain
+
+    @property
+    def adapter_type(self) -> str:
+        return "lora" if self.lora else "full"
+
     def _snapshot(self) -> dict[str, torch.Tensor]:
         params = dict(self.module.named_parameters())
         return {n: params[n].detach().to("cpu", copy=True) for n in self.trainable}

@@ -134,6 +134,7 @@ def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _C
         state, policies, ll = loaded
         if state["done"]:
             return state, policies
+        state.setdefault("resumed_from_iteration", []).append(state["iteration"])
         log_resp = np.array(state["log_resp"])
     else:
         ll = None
@@ -203,6 +204,7 @@ class EMDPOStage(Trainer):
             "eta_trace": state["eta_trace"],
             "restarts": [{"restart": r, "final_log_likelihood": ll} for ll, r, _, _ in runs],
             "chosen_restart": best_r,
+            "resumed_from_iteration": state.get("resumed_from_iteration", []),
         }
         (out / "clustering.json").write_text(json.dumps(clustering))
         return {"policies": names, "clustering": rel_path(ctx, out / "clustering.json"),

@@ -17,7 +17,9 @@ from tqdm.auto import tqdm
 
 from ..algorithms.minmax import game_value_lp, optimistic_hedge, regret_matrix
 from .base import StageConfig, StageContext, Trainer
-from .common import dataset_from, policies_from, prompts_from
+from .. import __version__
+from ..export.routing import AdapterEntry, RoutingConfig, write_routing
+from .common import dataset_from, policies_from, prompts_from, rel_path
 
 
 class MinMaxConfig(StageConfig):
@@ -39,6 +41,26 @@ def estimate_L(backend: Any, policies: list[Any], prompts: list[str], n: int, se
         for i, pi in enumerate(policies):
             L[i, j] = float(np.mean(backend.score(pi, prompts, samples) - ref))
     return L
+
+
+def export_routing(ctx: StageContext, backend: Any, names: list[str], policies: list[Any], weights: np.ndarray,
+                   config: MinMaxConfig) -> str:
+    """`<stage>/routing.yaml` with the type policies saved beside it (PEFT adapters or full models)."""
+    out = ctx.out_dir
+    entries = []
+    w = np.clip(weights, 0.0, None)
+    w = w / w.sum()
+    for name, policy, weight in zip(names, policies, w):
+        short = name.split("/")[-1]
+        backend.save(policy, out / "adapters" / short)
+        entries.append(AdapterEntry(name=short, path=f"adapters/{short}", weight=float(weight)))
+    # rounding to 1e-6 must not break the sum
+    entries[-1].weight = float(1.0 - sum(e.weight for e in entries[:-1]))
+    cfg = RoutingConfig(base_model=backend.base_model, adapter_type=backend.adapter_type, adapters=entries,
+                        meta={"beta": backend.beta, "K": len(names), "policies": names, "recipe": ctx.recipe.get("name"),
+                              "priority": config.priority, "created_by": f"emdpo_plugin {__version__}"})
+    write_routing(out / "routing.yaml", cfg)
+    return rel_path(ctx, out / "routing.yaml")
 
 
 class MinMaxEnsembleStage(Trainer):
@@ -68,4 +90,7 @@ class MinMaxEnsembleStage(Trainer):
                     "paths": inputs["policies"]["policies"], "beta": backend.beta,
                     "hedge_value": hedge.value, "lp_value": lp_value, "lp_weights": lp_weights.tolist()}
         (out / "ensemble.json").write_text(json.dumps(ensemble, indent=2))
+        routing = export_routing(ctx, backend, names, policies, hedge.weights, config) if hasattr(backend, "base_model") else None
+        if routing is not None:
+            ensemble["routing"] = routing
         return {"ensemble": ensemble, "game": f"{ctx.stage_name}/game.npz", "L": L.tolist()}

@@ -111,19 +111,18 @@ class ReportStage(Trainer):
                  traces: dict[str, list[float]]) -> list[str]:
         out, figures = ctx.out_dir, []
         pol = metrics["policies"]
-        for key, label in (("regret", "regret"), ("accuracy", "accuracy"), ("margin", "reward margin")):
-            values = {n: {g: m[key] for g, m in p["per_group"].items()} for n, p in pol.items()
-                      if all(m[key] is not None for m in p["per_group"].values())}
-            if values:
-                grouped_bars(values, label, f"per-group {label}", out / f"{key}_per_group.png")
-                figures.append(f"{key}_per_group.png")
-        # The paper's Figure 2: baseline policies against the ensembles, regret per group.
-        single = [n for n in pol if "/" not in n]
-        compare = {n: {g: m["regret"] for g, m in pol[n]["per_group"].items()} for n in single + list(ensembles)
-                   if all(m["regret"] is not None for m in pol[n]["per_group"].values())}
-        if len(compare) > 1:
-            grouped_bars(compare, "regret", "regret per group: baseline vs MinMax ensemble", out / "regret_dpo_vs_ensemble.png")
-            figures.append("regret_dpo_vs_ensemble.png")
+        baselines = [n for n in pol if "/" not in n]  # whole-population policies, e.g. dpo
+        types = [n for n in pol if "/" in n and n not in ensembles]
+        # The paper's Figures 4-7: per group, after clustering (type policies) and after
+        # aggregation (ensembles), each against the baseline; Figure 2: regret.
+        for key, label in (("accuracy", "accuracy"), ("margin", "reward margin"), ("regret", "regret")):
+            for phase, names in (("clustering", baselines + types), ("aggregation", baselines + list(ensembles))):
+                values = {n: {g: m[key] for g, m in pol[n]["per_group"].items()} for n in names
+                          if all(m[key] is not None for m in pol[n]["per_group"].values())}
+                if len(values) > 1 or (values and phase == "clustering"):
+                    fname = f"{key}_after_{phase}.png"
+                    grouped_bars(values, label, f"per-group {label} after {phase}", out / fname)
+                    figures.append(fname)
         for name, ens in ensembles.items():
             if ens.get("game"):
                 game = np.load(run_path(ctx, ens["game"]))

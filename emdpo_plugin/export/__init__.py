@@ -1,0 +1,1 @@
+"""Export of the aggregated ensemble as a routing config (format emdpo-routing/v1)."""

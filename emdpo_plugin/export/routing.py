@@ -1,0 +1,89 @@
+"""Routing config `emdpo-routing/v1`: base model, adapters and mixture weights, for serving.
+
+The ensemble is the sequence-level mixture `sum_k w_k pi_k`: per request, adapter k with
+probability w_k. Adapter paths are relative to the config file and must stay inside its
+folder, so the folder can be copied to a serving host as one unit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from ..config import StrictModel
+from ..errors import EmdpoError
+
+FORMAT = "emdpo-routing/v1"
+
+
+class AdapterEntry(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    path: str
+    weight: float = Field(ge=0.0)
+
+
+class RoutingConfig(StrictModel):
+    format: str = FORMAT
+    base_model: str
+    policy: str = "mixture"
+    adapter_type: str = "lora"  # lora: PEFT adapter folders; full: complete model folders
+    adapters: list[AdapterEntry]
+    meta: dict[str, Any] = {}
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, v: str) -> str:
+        if v != FORMAT:
+            raise ValueError(f"expected {FORMAT!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _weights(self) -> "RoutingConfig":
+        if not self.adapters:
+            raise ValueError("adapters: at least one adapter is needed")
+        total = sum(a.weight for a in self.adapters)
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"adapters: weights must sum to 1, got {total:.8f}")
+        names = [a.name for a in self.adapters]
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapters: duplicate names in {names}")
+        return self
+
+
+def write_routing(path: Path, config: RoutingConfig) -> Path:
+    path.write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
+    load_routing(path)  # never write a config that would not load
+    return path
+
+
+def load_routing(path: str | Path) -> RoutingConfig:
+    """Load and validate; adapter folders must exist inside the config's folder."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise EmdpoError(f"{path}: no such routing config") from None
+    except yaml.YAMLError as exc:
+        raise EmdpoError(f"{path}: invalid YAML: {exc}".replace("\n", " ")) from None
+    try:
+        cfg = RoutingConfig.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        raise EmdpoError(f"{path}: {where}: {err['msg']}") from None
+    root = path.parent.resolve()
+    for i, a in enumerate(cfg.adapters):
+        target = (root / a.path).resolve()
+        if Path(a.path).is_absolute() or not target.is_relative_to(root):
+            raise EmdpoError(f"{path}: adapters.{i}.path: {a.path!r} escapes the config's folder")
+        if not target.is_dir():
+            raise EmdpoError(f"{path}: adapters.{i}.path: folder {a.path!r} does not exist")
+    return cfg
+
+
+def adapter_dirs(path: str | Path, cfg: RoutingConfig) -> dict[str, Path]:
+    root = Path(path).parent.resolve()
+    return {a.name: (root / a.path).resolve() for a in cfg.adapters}
