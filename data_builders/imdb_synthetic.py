@@ -95,12 +95,22 @@ class SourceConfig(StrictModel):
     pool_size: int = Field(4000, ge=1)  # training prompts; test_size more are made for the test split
     error_probs: list[float] = Field(default_factory=lambda: [0.35, 0.3, 0.2, 0.15])  # P(k injected errors)
     sentiment_levels: list[int] = Field(default_factory=lambda: [-2, -1, 0, 1, 2])
+    # sentences per completion, drawn uniformly from this list; two keep the offline build
+    # fast (Harper costs about 0.3 ms per word), [2, 3] gives longer completions
+    sentences: list[int] = Field(default_factory=lambda: [2])
 
     @field_validator("error_probs")
     @classmethod
     def _probs(cls, v: list[float]) -> list[float]:
         if not v or any(p < 0 for p in v) or sum(v) <= 0:
             raise ValueError("expected non-negative probabilities for 0, 1, 2, ... errors with a positive sum")
+        return v
+
+    @field_validator("sentences")
+    @classmethod
+    def _sentences(cls, v: list[int]) -> list[int]:
+        if not v or any(not 1 <= x <= len(_SENTENCES) for x in v):
+            raise ValueError(f"expected sentence counts between 1 and {len(_SENTENCES)}")
         return v
 
     @field_validator("sentiment_levels")
@@ -497,7 +507,7 @@ _ADJ = {
         "beautiful", "terrific", "marvelous", "delightful"],
     1: ["good", "nice", "enjoyable", "pleasant", "solid", "decent", "charming", "fun", "likable", "entertaining",
         "engaging", "sweet"],
-    0: ["long", "ordinary", "typical", "familiar", "simple", "quiet", "unusual", "old-fashioned", "slow", "modest",
+    0: ["long", "ordinary", "typical", "familiar", "simple", "muted", "unusual", "old-fashioned", "slow", "modest",
         "straightforward", "talky"],
     -1: ["dull", "weak", "boring", "bland", "tedious", "messy", "forgettable", "silly", "clumsy", "flat", "uneven",
          "lazy"],
@@ -514,7 +524,7 @@ _STARS = {2: ["nine", "ten"], 1: ["seven", "eight"], 0: ["five", "six"], -1: ["t
 # made wrong ("a awful"). Doubled words ("the the", "was was") are a further site in any
 # sentence. Missing articles are not injected: Harper does not flag them.
 _SENTENCES = [
-    "The {aspect} was {adv} {adj}, and [they were|they was] clearly aware of it.",
+    "The {aspect} was {adv} {adj}, and [we were|we was] all aware of it.",
     "[I have seen|I have saw] many films like this one, and this one was {adj}.",
     "Honestly, the {aspect} felt {adj} from the first scene to the last.",
     "[It is|It are] {a_adj} film from start to finish.",
@@ -578,13 +588,14 @@ class ReviewCorpus:
 
     Each completion gets a sentiment level in `levels` (-2 very negative .. +2 very positive;
     80% of its adjectives come from that level, the rest from a neighbouring one) and a number
-    of injected errors k ~ `error_probs`, placed at k distinct error sites of its 2-3
-    sentences. Level and k are drawn independently, so sentiment and grammar preferences
+    of injected errors k ~ `error_probs`, placed at k distinct error sites of its sentences
+    (a count drawn from `sentences`). Level and k are drawn independently, so sentiment and grammar preferences
     disagree on about half of the pairs. Deterministic in the seed.
     """
 
-    def __init__(self, seed: int, *, error_probs: list[float], levels: list[int]) -> None:
+    def __init__(self, seed: int, *, error_probs: list[float], levels: list[int], sentences: list[int] = (2, 3)) -> None:
         self.rng = random.Random(seed)
+        self.sentences = tuple(sentences)
         total = sum(error_probs)
         self.error_probs = [p / total for p in error_probs]
         self.levels = list(levels)
@@ -618,7 +629,7 @@ class ReviewCorpus:
                 return r.choice(_ASPECTS)
             return r.choice(_STARS[level])
 
-        sentences = [_parse_sentence(t, fill) for t in r.sample(_SENTENCES, r.choice((2, 3)))]
+        sentences = [_parse_sentence(t, fill) for t in r.sample(_SENTENCES, r.choice(self.sentences))]
         sites: list[tuple[int, int, int | None]] = []
         for si, parts in enumerate(sentences):
             for pi, part in enumerate(parts):
@@ -652,7 +663,7 @@ class ReviewCorpus:
 
 def _generated_items(cfg: ImdbConfig, seed: int) -> tuple[list[Item], dict[str, Any]]:
     src = cfg.source
-    corpus = ReviewCorpus(seed, error_probs=src.error_probs, levels=src.sentiment_levels)
+    corpus = ReviewCorpus(seed, error_probs=src.error_probs, levels=src.sentiment_levels, sentences=src.sentences)
     n = src.pool_size + cfg.test_size
     items = [corpus.item(cfg.responses_per_prompt) for _ in range(n)]
     injected = [k for it in items for k in it.meta["injected_errors"]]
@@ -665,6 +676,7 @@ def _generated_items(cfg: ImdbConfig, seed: int) -> tuple[list[Item], dict[str, 
         "items": n,
         "error_probs": list(src.error_probs),
         "sentiment_levels": list(src.sentiment_levels),
+        "sentences": list(src.sentences),
         "injected_errors_mean": float(np.mean(injected)) if injected else 0.0,
         "dropped": {},
     }

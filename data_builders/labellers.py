@@ -194,6 +194,8 @@ class HarperGrammar:
         # off unless Spelling is counted (this also keeps its lints from hiding others in dedup).
         self.rules_off = () if "Spelling" in self.lint_kinds else ("SpellCheck",)
         self._local = threading.local()
+        # one long-lived pool: its threads keep their Linter (building one takes about a second)
+        self._pool: ThreadPoolExecutor | None = None
 
     def _linter(self) -> Any:
         linter = getattr(self._local, "linter", None)
@@ -236,7 +238,13 @@ class HarperGrammar:
     def count_errors(self, texts: list[str], contexts: list[str] | None = None) -> np.ndarray:
         pairs = list(zip(_check_contexts(texts, contexts), texts))
         chunks = [pairs[i : i + 64] for i in range(0, len(pairs), 64)]
-        counts = _map_threads(lambda chunk: [self._count_one(p) for p in chunk], chunks, self.workers)
+        work = lambda chunk: [self._count_one(p) for p in chunk]  # noqa: E731
+        if self.workers <= 1 or len(chunks) <= 1:
+            counts = [work(chunk) for chunk in chunks]
+        else:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="harper")
+            counts = list(self._pool.map(work, chunks))
         return np.array([c for chunk in counts for c in chunk], dtype=np.int64)
 
     def score(self, texts: list[str], contexts: list[str] | None = None) -> np.ndarray:

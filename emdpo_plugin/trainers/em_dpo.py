@@ -33,7 +33,7 @@ from ..algorithms.em import annotator_loglik, comparison_weights, dirichlet_resp
 from ..algorithms.likelihood import comparison_loglik
 from ..data.schema import ComparisonSet
 from .base import StageConfig, StageContext, Trainer
-from .common import dataset_from, rel_path
+from .common import dataset_from, rel_path, run_path
 
 
 class EMConfig(StageConfig):
@@ -41,7 +41,8 @@ class EMConfig(StageConfig):
     iterations: int = Field(10, ge=1, description="maximum EM iterations")
     tol: float = Field(0.0, ge=0, description="stop when the log-likelihood gains less than tol (relative)")
     min_responsibility: float = Field(0.0, ge=0, lt=1, description="M-step skips rows whose annotator's g_ik is below this")
-    init: Literal["seeded", "dirichlet"] = Field("seeded", description="symmetry breaking: likelihood k-means++ seeding or random responsibilities")
+    init: Literal["seeded", "dirichlet"] = Field("seeded", description="symmetry breaking: likelihood k-means++ seeding or random responsibilities (ignored when inputs.init names a clustering stage)")
+    init_smoothing: float = Field(0.1, ge=0, lt=1, description="inputs.init: hard assignments g become (1-s) g + s/K")
     init_concentration: float = Field(1.0, gt=0, description="Dirichlet concentration (init: dirichlet)")
     warm_start: bool = Field(True, description="M-steps continue from the previous policies; false: each M-step refits from the reference (same budget for every type)")
     restarts: int = Field(1, ge=1, description="EM runs from different seeds; the best log-likelihood wins")
@@ -126,8 +127,11 @@ def m_step(backend: Any, policies: list[Any], data: ComparisonSet, weights: np.n
     return policies, ll, fits
 
 
-def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _Checkpoint, desc: str) -> tuple[dict[str, Any], list[Any]]:
-    """One EM run from one seed; returns (state, policies). Resumes from `ckpt` if present."""
+def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _Checkpoint, desc: str,
+           init_resp: np.ndarray | None = None) -> tuple[dict[str, Any], list[Any]]:
+    """One EM run from one seed; returns (state, policies). Resumes from `ckpt` if present.
+
+    `init_resp` (annotators x K), e.g. another stage's clustering, replaces the seeded start."""
     ref = backend.ref_score(data)  # once per dataset, never inside the loop
     loaded = ckpt.load(backend)
     if loaded is not None:
@@ -138,7 +142,10 @@ def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _C
         log_resp = np.array(state["log_resp"])
     else:
         ll = None
-        if cfg.init == "seeded":
+        if init_resp is not None:
+            policies = [backend.new_policy(seed + 1000 * k) for k in range(cfg.K)]
+            log_resp = np.log((1 - cfg.init_smoothing) * init_resp + cfg.init_smoothing / cfg.K)
+        elif cfg.init == "seeded":
             policies = seed_policies(backend, data, ref, cfg.K, seed)
             ll = comparison_logliks(backend, policies, data, ref)
             log_resp = e_step(ll, data.annotator_index, data.n_annotators, np.full(cfg.K, 1.0 / cfg.K)).log_resp
@@ -150,7 +157,7 @@ def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _C
     while state["iteration"] < cfg.iterations:
         eta = update_eta(log_resp)
         weights = comparison_weights(np.exp(log_resp), data.annotator_index, cfg.min_responsibility)
-        warm = cfg.warm_start and (state["iteration"] > 0 or cfg.init == "seeded")
+        warm = cfg.warm_start and (state["iteration"] > 0 or (cfg.init == "seeded" and init_resp is None))
         policies, ll, fits = m_step(backend, policies, data, weights, ref, ll, warm, desc)
         est = e_step(ll, data.annotator_index, data.n_annotators, eta)
         log_resp = est.log_resp
@@ -172,15 +179,36 @@ def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _C
     return state, policies
 
 
+def clustering_from(ctx: StageContext, outputs: dict[str, Any], annotator_ids: list[str], K: int) -> np.ndarray:
+    """Responsibilities recorded by a clustering stage, aligned to this dataset's annotators."""
+    from ..errors import RecipeError
+
+    if not outputs.get("clustering"):
+        raise RecipeError(f"stages.{ctx.stage_name}.inputs.init: that stage produced no clustering")
+    cl = json.loads(run_path(ctx, outputs["clustering"]).read_text())
+    resp = np.asarray(cl["responsibilities"], dtype=np.float64)
+    if resp.shape[1] != K:
+        raise RecipeError(f"stages.{ctx.stage_name}.inputs.init: that clustering has {resp.shape[1]} types, config.K is {K}")
+    pos = {a: i for i, a in enumerate(cl["annotator_ids"])}
+    missing = [a for a in annotator_ids if a not in pos]
+    if missing:
+        raise RecipeError(f"stages.{ctx.stage_name}.inputs.init: annotators {missing[:3]} are not in that clustering")
+    return resp[[pos[a] for a in annotator_ids]]
+
+
 class EMDPOStage(Trainer):
     name = "em_dpo"
     description = "EM-DPO: soft EM over K latent annotator types, each M-step a weighted DPO."
     Config = EMConfig
-    input_slots = {"dataset": "a stage that produced a dataset (data)"}
+    input_slots = {"dataset": "a stage that produced a dataset (data)",
+                   "init": "optional: a clustering stage (cluster_dpo) whose assignments start EM"}
     required_inputs = ("dataset",)
 
     def run(self, ctx: StageContext, config: EMConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         data = dataset_from(ctx, inputs["dataset"]).train
+        init_resp = None
+        if "init" in inputs:
+            init_resp = clustering_from(ctx, inputs["init"], data.annotator_ids, config.K)
         backend = ctx.backend
         base_seed = ctx.seed if config.seed is None else config.seed
         fingerprint = hashlib.sha256(json.dumps([config.model_dump(), ctx.recipe.get("model", {}),
@@ -188,7 +216,7 @@ class EMDPOStage(Trainer):
         runs = []
         for r in range(config.restarts):
             ckpt = _Checkpoint(ctx.out_dir / "restarts" / f"r{r}", fingerprint)
-            state, policies = run_em(backend, data, config, base_seed + r, ckpt, f"{ctx.stage_name} restart {r}")
+            state, policies = run_em(backend, data, config, base_seed + r, ckpt, f"{ctx.stage_name} restart {r}", init_resp)
             runs.append((state["log_likelihood"][-1], r, state, policies))
         best_ll, best_r, state, policies = max(runs, key=lambda t: t[0])
         out = ctx.out_dir

@@ -1,0 +1,58 @@
+"""The language-model recipe end to end through the CLI, scaled down to minutes on 2 CPU cores.
+
+The demo (`make demo`) runs the full CPU recipe; this test checks that every stage of the same
+recipe runs on the real stack and writes what the contracts promise (metrics.json keys,
+routing.yaml with adapter folders, figures), not the quality numbers of the full run.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from emdpo_plugin.export.routing import load_routing
+
+ROOT = Path(__file__).resolve().parents[1]
+OPENRLHF = str(Path(sys.executable).parent / "openrlhf")
+
+SMALL = ["data.config.users=24", "data.config.pairs_per_user=6", "data.config.test_size=8",
+         "stages.sft.config.sft_steps=20", "stages.sft.config.max_texts=300",
+         "stages.em.config.iterations=2", "stages.minmax.config.prompts=8",
+         "stages.minmax.config.steps=2000", "stages.minmax_w14.config.prompts=8",
+         "stages.minmax_kmeans.config.prompts=8", "stages.report.config.regret_prompts=8",
+         "model.generation.max_new_tokens=8"]
+
+
+@pytest.mark.slow
+def test_cpu_recipe_runs_every_stage_and_exports(tmp_path):
+    out = tmp_path / "run"
+    args = [OPENRLHF, "run", "recipes/emdpo_imdb_cpu.yaml", "--output-dir", str(out)]
+    for s in SMALL:
+        args += ["--set", s]
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = json.loads((out / "run.json").read_text())
+    assert [s for s, v in run["stages"].items() if v["status"] != "done"] == []
+    m = json.loads((out / "report" / "metrics.json").read_text())
+    assert set(m["dataset"]["groups"]) == {"sentiment", "grammar"}
+    for stage in ("em", "kmeans"):
+        c = m["clustering"][stage]
+        assert -1 <= c["ari"] <= 1 and len(c["eta"]) == 2 and set(c["type_to_group"]) <= {"sentiment", "grammar"}
+    assert len(m["clustering"]["em"]["log_likelihood"]) == 2
+    for name in ("dpo", "em/type0", "em/type1", "kmeans/type0", "minmax/ensemble", "minmax_w14/ensemble"):
+        for g, v in m["policies"][name]["per_group"].items():
+            assert 0 <= v["accuracy"] <= 1 and v["regret"] is not None, (name, g, v)
+    for stage in ("minmax", "minmax_w14", "minmax_kmeans"):
+        e = m["ensembles"][stage]
+        assert abs(sum(e["weights"]) - 1) < 1e-9 and e["max_regret"] is not None
+        routing = load_routing(out / stage / "routing.yaml")
+        assert [a.name for a in routing.adapters] == ["type0", "type1"]
+        assert abs(sum(a.weight for a in routing.adapters) - 1) < 1e-6
+        assert (out / stage / "adapters" / "type0" / "config.json").exists()  # full fine-tuning: model folders
+    figures = {p.name for p in (out / "report").glob("*.png")}
+    assert {"accuracy_after_clustering.png", "margin_after_aggregation.png", "regret_after_aggregation.png"} <= figures
+    assert m["timings_s"]["em"] > 0
