@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml requirements/openrlhf-cpu.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/openrlhf run recipes/bandit.yaml --output-dir runs/demo
+	$(BIN)/openrlhf run recipes/emdpo_imdb_cpu.yaml --output-dir runs/demo --resume
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

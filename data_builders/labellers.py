@@ -99,6 +99,11 @@ def package_version(dist: str) -> str:
 # --------------------------------------------------------------------------- interface
 
 
+def errors_per_char_score(counts: np.ndarray, texts: list[str]) -> np.ndarray:
+    """The paper's grammar score (appendix F.1): minus errors per character, higher is better."""
+    return -counts / np.array([text_length(t) for t in texts], dtype=np.float64)
+
+
 @runtime_checkable
 class Labeller(Protocol):
     kind: str
@@ -248,8 +253,7 @@ class HarperGrammar:
         return np.array([c for chunk in counts for c in chunk], dtype=np.int64)
 
     def score(self, texts: list[str], contexts: list[str] | None = None) -> np.ndarray:
-        counts = self.count_errors(texts, contexts)
-        return -counts / np.array([text_length(t) for t in texts], dtype=np.float64)
+        return errors_per_char_score(self.count_errors(texts, contexts), texts)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -369,8 +373,7 @@ class LanguageToolGrammar:
         return np.array(_map_threads(self._count_one, pairs, self.workers), dtype=np.int64)
 
     def score(self, texts: list[str], contexts: list[str] | None = None) -> np.ndarray:
-        counts = self.count_errors(texts, contexts)
-        return -counts / np.array([text_length(t) for t in texts], dtype=np.float64)
+        return errors_per_char_score(self.count_errors(texts, contexts), texts)
 
     def info(self) -> dict[str, Any]:
         return {

@@ -176,19 +176,11 @@ def add_data_build(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def set_dotted(config: dict[str, Any], override: str) -> None:
-    """Apply one `a.b.c=value` override in place; the value is parsed with yaml.safe_load."""
-    key, sep, raw = override.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise EmdpoError(f"--set {override!r}: expected KEY=VALUE, e.g. --set source.kind=generated")
-    parts = key.split(".")
-    if any(not part for part in parts):
-        raise EmdpoError(f"--set {override!r}: empty key segment in {key!r}")
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise EmdpoError(f"--set {key}: value {raw!r} is not valid YAML: {problem}") from None
+    """Apply one `a.b.c=value` override in place; parsed like recipe overrides (YAML values)."""
+    from .recipe.loader import parse_override
+
+    parts, value = parse_override(override, path="data build")
+    key = ".".join(parts)
     node = config
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)

@@ -83,7 +83,7 @@ class BackendTrainer(Trainer):
 class FakeBackend:
     built = 0
 
-    def __init__(self, options: dict[str, Any], seed: int = 0):
+    def __init__(self, options: dict[str, Any], seed: int = 0, run_dir=None):
         FakeBackend.built += 1
         self.options = options
         self.seed = seed

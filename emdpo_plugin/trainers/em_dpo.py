@@ -201,7 +201,7 @@ class EMDPOStage(Trainer):
     description = "EM-DPO: soft EM over K latent annotator types, each M-step a weighted DPO."
     Config = EMConfig
     input_slots = {"dataset": "a stage that produced a dataset (data)",
-                   "init": "optional: a clustering stage (cluster_dpo) whose assignments start EM"}
+                   "init": "a clustering stage (cluster_dpo) whose assignments start EM"}
     required_inputs = ("dataset",)
 
     def run(self, ctx: StageContext, config: EMConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -68,7 +68,7 @@ class MinMaxEnsembleStage(Trainer):
     description = "MinMax-DPO: min-max-regret mixture weights over an earlier stage's type policies."
     Config = MinMaxConfig
     input_slots = {"policies": "a stage that produced type policies (em_dpo, cluster_dpo)",
-                   "dataset": "optional: draw the prompts x ~ D from its training prompts (language models)"}
+                   "dataset": "draw the prompts x ~ D from its training prompts (language models)"}
     required_inputs = ("policies",)
 
     def run(self, ctx: StageContext, config: MinMaxConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
