@@ -11,6 +11,16 @@ Choices the paper leaves open, made here:
 - The test split labels every test context by every group (one row per group), for
   per-group accuracy and margin.
 Prompts carry the context as a JSON list, responses are `arm0`, `arm1`, ...
+
+Options beyond the paper's section 5.1 (defaults reproduce it exactly):
+- `responses_per_comparison: n` (default 2): each comparison shows n distinct arms in random
+  order and records the annotator's full ranking by noisy reward, best first (n = 3 with 3 arms
+  ranks every arm; the Plackett-Luce likelihood consumes these rows).
+- `group_rankings`: each group's reward order, best first, instead of "group i prefers arm i":
+  the arm at position j gets `theta_scale * (1 - j / (arms - 1))` (10 / 5 / 0 for three arms),
+  arms not listed get 0. `[[0], [1], [2]]` is the default. Full orders make the groups' rankings
+  differ below the top, which is what the later identifiability result needs (see
+  recipes/bandit_ternary.yaml).
 """
 
 from __future__ import annotations
@@ -35,6 +45,22 @@ class BanditConfig(StrictModel):
     pairs_per_annotator: int = 10
     noise_std: float = 0.01
     test_contexts: int = 500
+    responses_per_comparison: int = Field(2, ge=2, description="arms shown and ranked per comparison")
+    group_rankings: list[list[int]] | None = Field(
+        None, description="per group, arms best first (default: group i prefers arm i, others tie at 0)")
+
+
+# Options added after the paper's setup: left out of the recorded config while at their default,
+# so manifests of existing configs stay byte-identical.
+_OPTIONAL_DEFAULTS = {"responses_per_comparison": 2, "group_rankings": None}
+
+
+def recorded_config(cfg: BanditConfig) -> dict[str, Any]:
+    out = cfg.model_dump()
+    for key, default in _OPTIONAL_DEFAULTS.items():
+        if out[key] == default:
+            del out[key]
+    return out
 
 
 def group_name(i: int) -> str:
@@ -53,13 +79,25 @@ class BanditEnvironment:
     """True rewards of the bandit: what exact regret is measured against."""
 
     def __init__(self, cfg: BanditConfig) -> None:
-        if len(cfg.group_probs) > cfg.arms:
-            raise ValueError("the bandit has one preferred arm per group: need groups <= arms")
-        self.cfg = cfg
         g = len(cfg.group_probs)
+        if cfg.responses_per_comparison > cfg.arms:
+            raise ValueError(f"responses_per_comparison {cfg.responses_per_comparison} exceeds arms {cfg.arms}")
+        if cfg.group_rankings is None:
+            if g > cfg.arms:
+                raise ValueError("the bandit has one preferred arm per group: need groups <= arms")
+            rankings = [[i] for i in range(g)]
+        else:
+            rankings = cfg.group_rankings
+            if len(rankings) != g:
+                raise ValueError(f"group_rankings has {len(rankings)} entries, group_probs {g}")
+            for r in rankings:
+                if not r or len(set(r)) != len(r) or not all(0 <= a < cfg.arms for a in r):
+                    raise ValueError(f"group_rankings entry {r}: need distinct arms in 0..{cfg.arms - 1}")
+        self.cfg = cfg
         self.theta = np.zeros((g, cfg.arms, cfg.dim))
-        for i in range(g):
-            self.theta[i, i, :] = cfg.theta_scale
+        for i, order in enumerate(rankings):
+            for pos, arm in enumerate(order):
+                self.theta[i, arm, :] = cfg.theta_scale * (1 - pos / max(cfg.arms - 1, 1))
 
     @property
     def groups(self) -> list[str]:
@@ -89,15 +127,19 @@ def build(config: dict[str, Any], *, seed: int) -> BuiltDataset:
     probs = np.asarray(cfg.group_probs) / np.sum(cfg.group_probs)
     groups = rng.choice(len(probs), size=cfg.annotators, p=probs)
 
+    n = cfg.responses_per_comparison
+
     def label(group: int, x: np.ndarray, pair: np.ndarray) -> list[int]:
-        noisy = env.mean_rewards(group, x[None])[0, pair] + rng.normal(0.0, cfg.noise_std, size=2)
-        return [0, 1] if noisy[0] >= noisy[1] else [1, 0]
+        noisy = env.mean_rewards(group, x[None])[0, pair] + rng.normal(0.0, cfg.noise_std, size=n)
+        if n == 2:
+            return [0, 1] if noisy[0] >= noisy[1] else [1, 0]
+        return [int(i) for i in np.argsort(-noisy, kind="stable")]  # full ranking, best first
 
     train: list[Comparison] = []
     for a, g in enumerate(groups):
         for j in range(cfg.pairs_per_annotator):
             x = rng.uniform(0.0, 1.0, size=cfg.dim)
-            pair = rng.choice(cfg.arms, size=2, replace=False)
+            pair = rng.choice(cfg.arms, size=n, replace=False)
             train.append(Comparison(
                 annotator_id=f"a{a:04d}", prompt=encode_context(x),
                 responses=[arm_name(i) for i in pair], ranking=label(g, x, pair),
@@ -105,11 +147,11 @@ def build(config: dict[str, Any], *, seed: int) -> BuiltDataset:
     test: list[Comparison] = []
     for t in range(cfg.test_contexts):
         x = rng.uniform(0.0, 1.0, size=cfg.dim)
-        pair = rng.choice(cfg.arms, size=2, replace=False)
+        pair = rng.choice(cfg.arms, size=n, replace=False)
         for g in range(len(probs)):
             test.append(Comparison(
                 annotator_id=f"test-{group_name(g)}", prompt=encode_context(x),
                 responses=[arm_name(i) for i in pair], ranking=label(g, x, pair),
                 comparison_id=f"test-{t:04d}-{group_name(g)}", group=group_name(g), split="test"))
-    return BuiltDataset(train=train, test=test, config=cfg.model_dump(),
+    return BuiltDataset(train=train, test=test, config=recorded_config(cfg),
                         extra={"environment": "bandit", "synthetic": True})

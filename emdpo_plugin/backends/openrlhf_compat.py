@@ -73,6 +73,9 @@ returns False (real GPUs use the real flash-attn and CUDA). Otherwise it install
    discovery (``No module named 'mpi4py'``). We set ``RANK=0``, ``WORLD_SIZE=1``,
    ``LOCAL_RANK=0``, ``MASTER_ADDR=127.0.0.1`` and ``MASTER_PORT=<a free port>`` only for
    the variables that are unset, so torchrun / the deepspeed launcher still win.
+   ``DeepspeedStrategy.setup_distributed`` is wrapped to retry on a fresh port when the port
+   we chose was taken by another process before the rendezvous bound it (EADDRINUSE); a
+   launcher's port is never replaced.
 """
 
 from __future__ import annotations
@@ -356,7 +359,36 @@ def ensure_dist_env() -> dict[str, str]:
             os.environ[key] = set_now[key] = value
     if not os.environ.get("MASTER_PORT"):
         os.environ["MASTER_PORT"] = set_now["MASTER_PORT"] = str(_free_port())
+        _OWN_PORT.add(os.environ["MASTER_PORT"])
     return set_now
+
+
+_OWN_PORT: set[str] = set()  # MASTER_PORT values this module chose (not a launcher's)
+
+
+def _patch_setup_distributed() -> None:
+    """Retry single-process rendezvous on a fresh port if the one we picked was taken meanwhile.
+
+    A free port found at start-up can be grabbed by another process before the TCP store binds
+    it (seen with several jobs on one machine). Only ports this module chose are replaced."""
+    from openrlhf.utils.deepspeed import DeepspeedStrategy
+
+    original = DeepspeedStrategy.setup_distributed
+    if getattr(original, "_emdpo_patched", False):
+        return
+
+    def setup_distributed(self, *args, **kwargs):
+        for attempt in range(5):
+            try:
+                return original(self, *args, **kwargs)
+            except torch.distributed.DistNetworkError as exc:
+                if "EADDRINUSE" not in str(exc) or os.environ.get("MASTER_PORT") not in _OWN_PORT or attempt == 4:
+                    raise
+                os.environ["MASTER_PORT"] = str(_free_port())
+                _OWN_PORT.add(os.environ["MASTER_PORT"])
+
+    setup_distributed._emdpo_patched = True
+    DeepspeedStrategy.setup_distributed = setup_distributed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,5 +415,6 @@ def apply_cpu_compat() -> bool:
     _patch_deepspeed()
     _patch_param_dtype()
     ensure_dist_env()
+    _patch_setup_distributed()
     _APPLIED = True
     return True

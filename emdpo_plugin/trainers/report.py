@@ -3,6 +3,11 @@
 Inputs: `dataset` (required) plus any number of stages whose `policies`, `clustering` or
 `ensemble` outputs should be evaluated, e.g. `inputs: {dataset: data, dpo: dpo, em: em,
 minmax: minmax}`. Ground-truth groups are read here, for evaluation only.
+
+`identifiability` (optional, synthetic data with a known truth such as the bandit): for each
+label, an EM stage and the dataset stage it was trained on, both among `inputs`; the recovered
+eta and type policies are compared with the true mixture (eval/identifiability.py) under
+`metrics.json["identifiability"][label]` and in report.md.
 """
 
 from __future__ import annotations
@@ -11,13 +16,21 @@ import json
 from typing import Any
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_serializer
 
+from ..config import StrictModel
+from ..errors import RecipeError
 from ..eval.evaluate import clustering_report, estimate_regrets, evaluate_mixtures
 from ..eval.plots import grouped_bars, log_likelihood_trace, weight_convergence
+from ..eval.identifiability import identifiability_markdown, identifiability_report
 from ..eval.report_md import render_report
 from .base import StageConfig, StageContext, Trainer
 from .common import dataset_from, prompts_from, run_path
+
+
+class IdentifiabilitySpec(StrictModel):
+    em: str = Field(description="input slot of the EM stage whose eta and type policies are checked")
+    dataset: str = Field(description="input slot of the dataset stage that EM stage trained on")
 
 
 class ReportConfig(StageConfig):
@@ -25,6 +38,16 @@ class ReportConfig(StageConfig):
     regret_reference: str | None = Field("em", description="stage whose type policies, matched to groups, stand in for each group's optimum when true rewards are unknown")
     regret_prompts: int = Field(64, ge=1, description="test prompts for the regret estimate")
     samples_per_prompt: int = Field(1, ge=1)
+    identifiability: dict[str, IdentifiabilitySpec] | None = Field(
+        None, description="label -> {em, dataset} input slots: recovered mixture vs the builder's truth")
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_identifiability(self, handler: Any) -> dict[str, Any]:
+        # left out while unset, so existing recipes keep their stage hashes (resume) unchanged
+        out = handler(self)
+        if isinstance(out, dict) and out.get("identifiability") is None:
+            out.pop("identifiability", None)
+        return out
 
 
 class ReportStage(Trainer):
@@ -95,6 +118,11 @@ class ReportStage(Trainer):
                 "max_regret": max(per_group.values()) if None not in per_group.values() else None,
                 "hedge_value": ens["hedge_value"], "lp_value": ens["lp_value"],
             }
+        ident_md = ""
+        if config.identifiability:
+            metrics["identifiability"] = self._identifiability(ctx, config, inputs)
+            if metrics["identifiability"]:
+                ident_md = identifiability_markdown(metrics["identifiability"])
         run_json = ctx.run_dir / "run.json"
         if run_json.exists():
             stages = json.loads(run_json.read_text()).get("stages", {})
@@ -103,9 +131,32 @@ class ReportStage(Trainer):
         out_dir = ctx.out_dir
         figures = self._figures(ctx, metrics, ensembles, traces)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        (out_dir / "report.md").write_text(render_report(metrics, figures, title=config.title or ctx.recipe.get("name")))
+        (out_dir / "report.md").write_text(render_report(metrics, figures, title=config.title or ctx.recipe.get("name"))
+                                           + (("\n" + ident_md) if ident_md else ""))
         return {"metrics": f"{ctx.stage_name}/metrics.json", "report": f"{ctx.stage_name}/report.md",
                 "figures": [f"{ctx.stage_name}/{f}" for f in figures]}
+
+    def _identifiability(self, ctx: StageContext, config: ReportConfig,
+                         inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for label, spec in (config.identifiability or {}).items():
+            for slot in (spec.em, spec.dataset):
+                if slot not in inputs:
+                    raise RecipeError(f"stages.{ctx.stage_name}.config.identifiability.{label}: "
+                                      f"{slot!r} is not one of this stage's inputs ({', '.join(inputs)})")
+            em = inputs[spec.em]
+            if not em.get("clustering") or not em.get("policies"):
+                raise RecipeError(f"stages.{ctx.stage_name}.config.identifiability.{label}.em: "
+                                  f"{spec.em!r} produced no clustering and type policies")
+            ds = dataset_from(ctx, inputs[spec.dataset])
+            cl = json.loads(run_path(ctx, em["clustering"]).read_text())
+            names = sorted(em["policies"], key=lambda n: int(n.rsplit("type", 1)[-1]))
+            policies = [ctx.backend.load(run_path(ctx, em["policies"][n])) for n in names]
+            rep = identifiability_report(ctx.backend, ds.manifest, ds.train, cl["eta"], policies,
+                                         cl["log_likelihood"][-1], seed=ctx.seed)
+            if rep is not None:
+                out[label] = {"em_stage": spec.em, "dataset_stage": spec.dataset, **rep}
+        return out
 
     def _figures(self, ctx: StageContext, metrics: dict[str, Any], ensembles: dict[str, Any],
                  traces: dict[str, list[float]]) -> list[str]:
