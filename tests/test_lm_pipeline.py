@@ -52,7 +52,8 @@ def test_cpu_recipe_runs_every_stage_and_exports(tmp_path):
         routing = load_routing(out / stage / "routing.yaml")
         assert [a.name for a in routing.adapters] == ["type0", "type1"]
         assert abs(sum(a.weight for a in routing.adapters) - 1) < 1e-6
-        assert (out / stage / "adapters" / "type0" / "config.json").exists()  # full fine-tuning: model folders
+        assert routing.adapter_type == "lora"
+        assert (out / stage / "adapters" / "type0" / "adapter_config.json").exists()  # PEFT adapter folders
     figures = {p.name for p in (out / "report").glob("*.png")}
     assert {"accuracy_after_clustering.png", "margin_after_aggregation.png", "regret_after_aggregation.png"} <= figures
     assert m["timings_s"]["em"] > 0
