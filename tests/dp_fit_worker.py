@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))

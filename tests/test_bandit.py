@@ -29,7 +29,6 @@ def test_builder_follows_section_5_1():
     groups = Counter(r.group for r in ds.train)
     assert set(groups) == {"group0", "group1", "group2"}
     assert groups["group0"] > groups["group1"] > groups["group2"]  # drawn with p = 0.6 / 0.3 / 0.1
-    env = BanditEnvironment(BanditConfig())
     for r in ds.train:
         arms = [int(a.removeprefix("arm")) for a in r.responses]
         assert arms[0] != arms[1]  # documented choice: a pair is two distinct arms

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from emdpo_plugin.algorithms.likelihood import comparison_loglik
 from emdpo_plugin.data.schema import Comparison, ComparisonSet
