@@ -123,12 +123,20 @@ class RunState:
         self.save()
 
     def mark_done(self, name: str, outputs: dict[str, Any], seconds: float) -> None:
-        self.stages[name].update(status="done", ended=now(), seconds=round(seconds, 3), outputs=outputs, error=None)
+        self.stages[name].update(status="done", ended=now(), seconds=round(seconds, 3), outputs=outputs, error=None,
+                                 peak_rss_mib=peak_rss_mib())
         self.save()
 
     def mark_failed(self, name: str, error: str, seconds: float) -> None:
         self.stages[name].update(status="failed", ended=now(), seconds=round(seconds, 3), error=error)
         self.save()
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB), for run.json."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _blank(trainer: str, digest: str) -> dict[str, Any]:

@@ -236,4 +236,6 @@ class EMDPOStage(Trainer):
         }
         (out / "clustering.json").write_text(json.dumps(clustering))
         return {"policies": names, "clustering": rel_path(ctx, out / "clustering.json"),
+                "rows_trained_per_iteration": [[f.get("rows") for f in it] for it in state["fit"]],
+                "backend_stats": dict(getattr(backend, "stats", {})),
                 "iterations": state["iteration"], "log_likelihood": best_ll, "eta": state["eta"]}

@@ -127,6 +127,7 @@ class ReportStage(Trainer):
         if run_json.exists():
             stages = json.loads(run_json.read_text()).get("stages", {})
             metrics["timings_s"] = {s: v.get("seconds") for s, v in stages.items() if v.get("seconds") is not None}
+            metrics["peak_rss_mib"] = {s: v["peak_rss_mib"] for s, v in stages.items() if v.get("peak_rss_mib")}
 
         out_dir = ctx.out_dir
         figures = self._figures(ctx, metrics, ensembles, traces)
