@@ -8,6 +8,7 @@ routing.yaml with adapter folders, figures), not the quality numbers of the full
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,11 @@ def test_cpu_recipe_runs_every_stage_and_exports(tmp_path):
     args = [OPENRLHF, "run", "recipes/emdpo_imdb_cpu.yaml", "--output-dir", str(out)]
     for s in SMALL:
         args += ["--set", s]
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    # a fresh process: no rendezvous variables inherited from in-process tests of this session
+    # (their TCP store still holds that MASTER_PORT)
+    env = {k: v for k, v in os.environ.items()
+           if k not in {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"}}
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=1800, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = json.loads((out / "run.json").read_text())
     assert [s for s, v in run["stages"].items() if v["status"] != "done"] == []
