@@ -11,6 +11,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def _save(fig, ax, path: Path) -> Path:
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def grouped_bars(values: dict[str, dict[str, float]], ylabel: str, title: str, path: Path) -> Path:
     """values: {series (policy): {group: value}} -> bars per group, one colour per series."""
     series = list(values)
@@ -23,11 +31,7 @@ def grouped_bars(values: dict[str, dict[str, float]], ylabel: str, title: str, p
     ax.set_xticks(x, groups)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def weight_convergence(trajectory: np.ndarray, labels: list[str], title: str, path: Path) -> Path:
@@ -40,11 +44,7 @@ def weight_convergence(trajectory: np.ndarray, labels: list[str], title: str, pa
     ax.set_xlabel("optimistic Hedge step")
     ax.set_ylabel("mixture weight (running average)")
     ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def log_likelihood_trace(traces: dict[str, list[float]], path: Path) -> Path:
@@ -53,8 +53,4 @@ def log_likelihood_trace(traces: dict[str, list[float]], path: Path) -> Path:
         ax.plot(np.arange(1, len(ll) + 1), ll, marker="o", label=name)
     ax.set_xlabel("EM iteration")
     ax.set_ylabel("observed-data log-likelihood")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)

@@ -91,7 +91,8 @@ class ReportStage(Trainer):
                 stage = out["clustering"].split("/")[0]
                 rep = clustering_report(cl["annotator_ids"], np.array(cl["responsibilities"]), groups_by_annotator)
                 metrics["clustering"][stage] = {**rep, "eta": cl["eta"], "log_likelihood": cl["log_likelihood"]}
-                traces[stage] = cl["log_likelihood"]
+                if cl["log_likelihood"]:  # cluster_dpo has no likelihood trace
+                    traces[stage] = cl["log_likelihood"]
             if out.get("ensemble"):
                 ens = out["ensemble"]
                 mixtures[ens["name"]] = [(w, load(n, ens["paths"][n])) for n, w in zip(ens["policies"], ens["weights"])]
