@@ -270,12 +270,77 @@ def add_data(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+# --- serve / export ------------------------------------------------------------------------
+
+
+def add_serve(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "serve", help="serve an exported ensemble on vLLM behind a weighted OpenAI-compatible router",
+        description="Start vLLM's OpenAI server on a private loopback port with every adapter of ROUTING.yaml, "
+                    "then route /v1/completions and /v1/chat/completions: model 'ensemble' samples adapter k "
+                    "with probability w_k per request (sticky per `user`); an adapter's name goes to it.",
+    )
+    p.add_argument("routing", metavar="ROUTING.yaml", help="routing config written by a minmax_ensemble stage or export")
+    p.add_argument("--host", default="127.0.0.1", help="router bind address (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="router port (default: 8000)")
+    p.add_argument("--vllm-arg", dest="vllm_args", action="append", default=[], metavar="ARG",
+                   help="extra argument for vLLM's server, e.g. --vllm-arg=--max-model-len=256 (repeatable)")
+    p.add_argument("--vllm-port", type=int, default=None, help="vLLM's loopback port (default: a free port)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the adapter draws and of vLLM")
+    p.add_argument("--startup-timeout", type=float, default=600.0, metavar="S", help="seconds to wait for vLLM")
+    p.add_argument("--request-timeout", type=float, default=600.0, metavar="S",
+                   help="seconds a request may wait for vLLM before a 504")
+    p.add_argument("--log-dir", metavar="DIR", help="vLLM logs (default: serve-logs/ beside ROUTING.yaml)")
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    return serve(args.routing, host=args.host, port=args.port, vllm_args=args.vllm_args, vllm_port=args.vllm_port,
+                 seed=args.seed, startup_timeout=args.startup_timeout, request_timeout=args.request_timeout,
+                 log_dir=args.log_dir)
+
+
+def add_export(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "export", help="re-export a finished minmax stage with other priority weights (no retraining)",
+        description="Re-solve the min-max regret game of a finished minmax_ensemble stage from its saved L matrix "
+                    "with per-type priority weights (the paper's weighted variants) and write a new serving "
+                    "folder: routing.yaml, adapters/, game.npz, ensemble.json.",
+    )
+    p.add_argument("stage", metavar="STAGE_DIR", help="a finished minmax stage folder, e.g. runs/demo/minmax")
+    p.add_argument("--priority", required=True, metavar="C1,C2,...",
+                   help="one positive weight per type, in routing.yaml's adapter order, e.g. 1,4")
+    p.add_argument("--out", required=True, metavar="DIR", help="new serving folder")
+    p.add_argument("--eta", type=float, default=0.05, help="optimistic Hedge step size (default 0.05)")
+    p.add_argument("--steps", type=int, default=10_000, help="optimistic Hedge iterations (default 10000)")
+    p.set_defaults(func=cmd_export)
+    return p
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export.reweight import reexport
+
+    try:
+        priority = [float(x) for x in args.priority.split(",")]
+    except ValueError:
+        raise EmdpoError(f"--priority: expected comma-separated numbers, got {args.priority!r}") from None
+    summary = reexport(args.stage, args.out, priority, eta=args.eta, steps=args.steps)
+    weights = ", ".join(f"{k}={v:.3f}" for k, v in summary["weights"].items())
+    print(f"wrote {summary['routing']}: {weights} (game value {summary['hedge_value']:.4f}, LP {summary['lp_value']:.4f})")
+    return 0
+
+
 # --- parser --------------------------------------------------------------------------------
 
 COMMANDS: dict[str, AddCommand] = {
     "run": add_run,
     "trainers": add_trainers,
     "data": add_data,
+    "serve": add_serve,
+    "export": add_export,
 }
 
 

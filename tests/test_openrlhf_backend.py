@@ -16,13 +16,6 @@ from emdpo_plugin.data.schema import Comparison, ComparisonSet
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    from emdpo_plugin.models.tiny import build_tiny_lm, demo_sentences
-
-    return build_tiny_lm(demo_sentences(200), tmp_path_factory.mktemp("tiny") / "model", sft_steps=20)
-
-
 def _backend(model: Path, run_dir: Path, **overrides):
     from emdpo_plugin.backends.openrlhf_backend import OpenRLHFBackend
 

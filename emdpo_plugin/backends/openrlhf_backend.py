@@ -70,6 +70,9 @@ class OpenRLHFModelConfig(StrictModel):
     trust_remote_code: bool = False
     beta: float = 0.1
     label_smoothing: float = 0.0
+    nll_loss_coef: float = Field(0.0, ge=0.0, description=(
+        "OpenRLHF's nll_loss_coef: adds coef * per-token NLL of each comparison's top response to "
+        "the (weighted) DPO loss, which keeps type policies near the reference's likelihood scale"))
     max_len: int = 512
     eval_batch_size: int = 16
     lora: LoraSpec = LoraSpec()
@@ -125,7 +128,7 @@ class OpenRLHFBackend:
         ds, tr = self.cfg.ds, self.cfg.train
         overrides = {
             "model.model_name_or_path": self.pretrain, "model.beta": self.beta,
-            "model.label_smoothing": self.label_smoothing,
+            "model.label_smoothing": self.label_smoothing, "model.nll_loss_coef": self.cfg.nll_loss_coef,
             "train.micro_batch_size": tr.micro_batch_size, "train.batch_size": tr.batch_size,
             "train.seed": tr.seed, "train.max_epochs": tr.max_epochs, "data.max_len": self.cfg.max_len,
             "ds.attn_implementation": ds.attn_implementation, "max_norm": tr.max_norm,
@@ -239,7 +242,7 @@ class OpenRLHFBackend:
             chunk = flat[s: s + bs]
             batch, _ = collate_responses([[t] for _, _, t in chunk], self.tokenizer.pad_token_id)
             batch.input_ids, batch.attention_mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
-            logps = sequence_logps(self.actor, batch).squeeze(1).double().cpu().numpy()
+            logps = sequence_logps(self.actor, batch)[0].squeeze(1).double().cpu().numpy()
             for (i, j, _), v in zip(chunk, logps):
                 out[i, j] = v
         return out
@@ -325,7 +328,8 @@ class OpenRLHFBackend:
         actor, optim, scheduler = self.strategy.prepare((self.actor, optim_cfg))
         trainer = WeightedDPOTrainer(actor, self.strategy, self.tokenizer, optim, loader, scheduler,
                                      beta=self.beta, label_smoothing=self.label_smoothing,
-                                     mean_weight=float(w.mean()), max_epochs=epochs, max_norm=tr.max_norm)
+                                     mean_weight=float(w.mean()), max_epochs=epochs, max_norm=tr.max_norm,
+                                     nll_loss_coef=self.cfg.nll_loss_coef)
         stats = trainer.fit(self.args, desc=desc or "M-step")
         self.actor.model = self.module
         policy.state = self._snapshot()
@@ -354,6 +358,16 @@ class OpenRLHFBackend:
         finally:
             tok.padding_side = side
         return out
+
+    def sample_vllm(self, dirs: dict[str, Path], prompts: list[str], n: int, seed: int, *,
+                    log_path: Path) -> dict[str, list[list[str]]]:
+        """Like `sample`, for every saved policy at once, on vLLM's offline engine (vllm_sampler.py)."""
+        from .vllm_sampler import sample_with_vllm
+
+        g = self.cfg.generation
+        return sample_with_vllm(self.base_model, dirs, self.adapter_type, prompts, n, seed,
+                                max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
+                                max_model_len=self.cfg.max_len + g.max_new_tokens, log_path=log_path)
 
     def sample_prompts(self, n: int, seed: int) -> list[str]:
         raise EmdpoError("language-model backends draw regret prompts from the data: give the "

@@ -57,13 +57,14 @@ def collate_responses(items: list[list[Tokenized]], pad_token_id: int) -> tuple[
     return ResponseBatch(ids, att, plens, width), response_mask
 
 
-def sequence_logps(actor, batch: ResponseBatch, ring_attn_group=None) -> torch.Tensor:
-    """Sum of response-token log-probs per sequence, shape (B, m), via the host's reduction."""
+def sequence_logps(actor, batch: ResponseBatch, ring_attn_group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum and per-token mean of response-token log-probs per sequence, each (B, m), via the
+    host's reduction."""
     log_probs = actor(batch.input_ids, attention_mask=batch.attention_mask, return_logprobs=True,
                       ring_attn_group=ring_attn_group)
     # `_get_batch_logps` uses no trainer state: the host's masking of prompt tokens, reused as is.
-    sums, _ = DPOTrainer._get_batch_logps(None, log_probs, batch.attention_mask, batch.prompt_lens)
-    return sums.view(-1, batch.width)
+    sums, means = DPOTrainer._get_batch_logps(None, log_probs, batch.attention_mask, batch.prompt_lens)
+    return sums.view(-1, batch.width), means.view(-1, batch.width)
 
 
 class WeightedComparisons(Dataset):
@@ -93,10 +94,12 @@ class WeightedDPOTrainer(DPOTrainer):
     """OpenRLHF's DPOTrainer with per-comparison weights, Plackett-Luce rankings and a cached reference."""
 
     def __init__(self, model, strategy, tokenizer, optim, train_dataloader, scheduler, *, beta: float,
-                 label_smoothing: float, mean_weight: float, max_epochs: int, max_norm: float = 1.0) -> None:
+                 label_smoothing: float, mean_weight: float, max_epochs: int, max_norm: float = 1.0,
+                 nll_loss_coef: float = 0.0) -> None:
         super().__init__(model, None, strategy, tokenizer, optim, train_dataloader, None, scheduler,
                          max_norm=max_norm, beta=beta, max_epochs=max_epochs)
         self.label_smoothing = label_smoothing
+        self.nll_loss_coef = nll_loss_coef
         self.mean_weight = mean_weight  # over the whole weighted set: minibatch losses are unbiased
 
     def fit(self, args, consumed_samples=0, num_update_steps_per_epoch=None, desc: str = "M-step") -> dict:
@@ -118,9 +121,13 @@ class WeightedDPOTrainer(DPOTrainer):
             for batch, response_mask, rankings, ref, weights in self.train_dataloader:
                 batch.input_ids = batch.input_ids.to(device)
                 batch.attention_mask = batch.attention_mask.to(device)
-                logps = sequence_logps(self.model, batch, self.strategy.ring_attn_group)
-                ll = comparison_loglik(logps, ref.to(device, logps.dtype), rankings.to(device),
+                logps, token_means = sequence_logps(self.model, batch, self.strategy.ring_attn_group)
+                rankings = rankings.to(device)
+                ll = comparison_loglik(logps, ref.to(device, logps.dtype), rankings,
                                        response_mask.to(device), self.beta, self.label_smoothing)
+                if self.nll_loss_coef > 0:  # the host's nll term (RPO): per-token NLL of the top response
+                    top = token_means.gather(1, rankings[:, :1]).squeeze(1)
+                    ll = ll + self.nll_loss_coef * top
                 w = weights.to(device, logps.dtype)
                 loss = -(w * ll).sum() / (len(w) * self.mean_weight)
                 self.strategy.backward(loss, self.model, self.optimizer)

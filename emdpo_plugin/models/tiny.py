@@ -40,6 +40,12 @@ PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<s>", "</s>", "<unk>"
 _SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN]
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
 def is_built(out_dir: Path | str) -> bool:
     """True when ``out_dir`` holds a finished tiny LM (its marker file exists)."""
     return (Path(out_dir) / MARKER).is_file()
@@ -99,6 +105,8 @@ def _train_tokenizer(texts: Sequence[str], vocab_size: int, max_position: int):
         model_max_length=max_position,
         padding_side="right",
         clean_up_tokenization_spaces=False,
+        # plain-text turns, so OpenAI chat endpoints (vLLM, the router) work on the tiny model too
+        chat_template=CHAT_TEMPLATE,
     )
 
 

@@ -9,7 +9,9 @@ probability w_k.
 from __future__ import annotations
 
 import json
-from typing import Any
+import time
+from pathlib import Path
+from typing import Any, Callable, Literal
 
 import numpy as np
 from pydantic import Field
@@ -18,6 +20,7 @@ from tqdm.auto import tqdm
 from ..algorithms.minmax import game_value_lp, optimistic_hedge, regret_matrix
 from .base import StageConfig, StageContext, Trainer
 from .. import __version__
+from ..errors import EmdpoError
 from ..export.routing import AdapterEntry, RoutingConfig, write_routing
 from .common import dataset_from, policies_from, prompts_from, rel_path
 
@@ -28,31 +31,45 @@ class MinMaxConfig(StageConfig):
     priority: list[float] | None = Field(None, description="per-type priority weights c_k (weighted variant)")
     prompts: int = Field(512, ge=1, description="prompts x ~ D for estimating L")
     samples_per_prompt: int = Field(1, ge=1)
+    sampler: Literal["hf", "vllm"] = Field("hf", description=(
+        "who samples y ~ pi_k for L: the training stack (HF generate) or vLLM's offline engine with one "
+        "LoRARequest per type; scoring always runs on the training stack"))
     seed: int | None = None
 
 
-def estimate_L(backend: Any, policies: list[Any], prompts: list[str], n: int, seed: int) -> np.ndarray:
+Sampler = Callable[[int], list[list[str]]]  # type index -> completions per prompt
+
+
+def estimate_L(backend: Any, policies: list[Any], prompts: list[str], sample: Sampler) -> np.ndarray:
     """L[z, z'] by sampling y ~ pi_z' and scoring under every pi_z and the reference."""
     K = len(policies)
     L = np.zeros((K, K))
-    for j, pj in enumerate(tqdm(policies, desc="regret matrix", leave=False)):
-        samples = backend.sample(pj, prompts, n, seed + j)
+    for j in tqdm(range(K), desc="regret matrix", leave=False):
+        samples = sample(j)
         ref = backend.score(None, prompts, samples)
         for i, pi in enumerate(policies):
             L[i, j] = float(np.mean(backend.score(pi, prompts, samples) - ref))
     return L
 
 
-def export_routing(ctx: StageContext, backend: Any, names: list[str], policies: list[Any], weights: np.ndarray,
+def save_policies(ctx: StageContext, backend: Any, names: list[str], policies: list[Any]) -> dict[str, Path]:
+    """Each type policy under `<stage>/adapters/<typeK>` (PEFT adapter or full model folder)."""
+    dirs = {}
+    for name, policy in zip(names, policies):
+        short = name.split("/")[-1]
+        dirs[short] = ctx.out_dir / "adapters" / short
+        backend.save(policy, dirs[short])
+    return dirs
+
+
+def export_routing(ctx: StageContext, backend: Any, dirs: dict[str, Path], names: list[str], weights: np.ndarray,
                    config: MinMaxConfig) -> str:
-    """`<stage>/routing.yaml` with the type policies saved beside it (PEFT adapters or full models)."""
+    """`<stage>/routing.yaml` naming the saved type policies and their mixture weights."""
     out = ctx.out_dir
     entries = []
     w = np.clip(weights, 0.0, None)
     w = w / w.sum()
-    for name, policy, weight in zip(names, policies, w):
-        short = name.split("/")[-1]
-        backend.save(policy, out / "adapters" / short)
+    for short, weight in zip(dirs, w):
         entries.append(AdapterEntry(name=short, path=f"adapters/{short}", weight=float(weight)))
     # rounding to 1e-6 must not break the sum
     entries[-1].weight = float(1.0 - sum(e.weight for e in entries[:-1]))
@@ -80,7 +97,21 @@ class MinMaxEnsembleStage(Trainer):
             prompts = prompts_from(dataset_from(ctx, inputs["dataset"]).train, config.prompts, seed)
         else:
             prompts = backend.sample_prompts(config.prompts, seed)
-        L = estimate_L(backend, policies, prompts, config.samples_per_prompt, seed)
+        n = config.samples_per_prompt
+        lm = hasattr(backend, "base_model")  # language-model backends save adapters and export routing
+        dirs = save_policies(ctx, backend, names, policies) if lm else {}
+        t = time.perf_counter()
+        if config.sampler == "vllm":
+            if not hasattr(backend, "sample_vllm"):
+                raise EmdpoError(f"stages.{ctx.stage_name}.config.sampler: 'vllm' needs a language-model backend; "
+                                 f"{type(backend).__name__} has no vLLM sampler")
+            by_type = backend.sample_vllm(dirs, prompts, n, seed, log_path=ctx.out_dir / "vllm-sampler.log")
+            samples = list(by_type.values())
+            sample: Sampler = lambda j: samples[j]  # noqa: E731
+        else:
+            sample = lambda j: backend.sample(policies[j], prompts, n, seed + j)  # noqa: E731
+        L = estimate_L(backend, policies, prompts, sample)
+        sampling = {"sampler": config.sampler, "L_seconds": time.perf_counter() - t}
         R = regret_matrix(L, np.asarray(config.priority) if config.priority is not None else None)
         hedge = optimistic_hedge(R, eta=config.eta, steps=config.steps)
         lp_value, lp_weights = game_value_lp(R)
@@ -88,9 +119,9 @@ class MinMaxEnsembleStage(Trainer):
         np.savez(out / "game.npz", L=L, R=R, trajectory=hedge.trajectory, weights=hedge.weights)
         ensemble = {"name": f"{ctx.stage_name}/ensemble", "policies": names, "weights": hedge.weights.tolist(),
                     "paths": inputs["policies"]["policies"], "beta": backend.beta,
-                    "hedge_value": hedge.value, "lp_value": lp_value, "lp_weights": lp_weights.tolist()}
+                    "hedge_value": hedge.value, "lp_value": lp_value, "lp_weights": lp_weights.tolist(), **sampling}
         (out / "ensemble.json").write_text(json.dumps(ensemble, indent=2))
-        routing = export_routing(ctx, backend, names, policies, hedge.weights, config) if hasattr(backend, "base_model") else None
+        routing = export_routing(ctx, backend, dirs, names, hedge.weights, config) if lm else None
         if routing is not None:
             ensemble["routing"] = routing
         return {"ensemble": ensemble, "game": f"{ctx.stage_name}/game.npz", "L": L.tolist()}

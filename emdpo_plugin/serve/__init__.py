@@ -1,0 +1,64 @@
+"""`openrlhf serve ROUTING.yaml`: vLLM behind a weighted OpenAI-compatible router.
+
+`serve()` validates the routing config, starts the vLLM server(s) on private loopback ports,
+waits until they are healthy, then runs the router (uvicorn) on the public host/port. On
+SIGTERM or SIGINT, uvicorn drains and returns, and every vLLM process group is stopped; the
+same happens if start-up fails half-way.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+from ..export.routing import load_routing
+from .router import Target, build_app
+from .vllm_server import plan_servers
+
+__all__ = ["serve"]
+
+
+class _Stop(Exception):
+    """Raised by the SIGTERM handler while vLLM is starting (before uvicorn owns the signals)."""
+
+
+def serve(routing_path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, vllm_args: list[str] = (),
+          vllm_port: int | None = None, seed: int = 0, startup_timeout: float = 600.0,
+          request_timeout: float = 600.0, log_dir: str | Path | None = None) -> int:
+    import uvicorn
+
+    routing_path = Path(routing_path)
+    cfg = load_routing(routing_path)
+    log_dir = Path(log_dir) if log_dir else routing_path.parent / "serve-logs"
+    servers, placement = plan_servers(routing_path, cfg, extra_args=list(vllm_args), log_dir=log_dir, seed=seed,
+                                      port=vllm_port)
+
+    def on_term(signum, frame):  # noqa: ARG001
+        raise _Stop()
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    t0 = time.monotonic()
+    try:
+        try:
+            for s in servers:
+                print(f"starting vLLM ({s.name}) on {s.url}; log: {s.log_path}", flush=True)
+                s.start()
+            for s in servers:
+                s.wait_healthy(startup_timeout - (time.monotonic() - t0))
+        except _Stop:
+            print("stopped during start-up", flush=True)
+            return 143
+        signal.signal(signal.SIGTERM, previous)  # uvicorn installs its own graceful handlers
+        targets = {name: Target(server.url, model, server.alive) for name, (server, model) in placement.items()}
+        app = build_app(cfg, targets, seed=seed, request_timeout=request_timeout)
+        weights = ", ".join(f"{a.name}={a.weight:.3f}" for a in cfg.adapters)
+        print(f"vLLM healthy after {time.monotonic() - t0:.1f} s; router on http://{host}:{port} "
+              f"(model 'ensemble': {weights})", flush=True)
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # do not die half-way through clean-up
+        for s in servers:
+            s.stop()
+        print("router and vLLM stopped", flush=True)

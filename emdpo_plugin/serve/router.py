@@ -1,0 +1,199 @@
+"""The OpenAI-compatible router in front of vLLM: serves the ensemble as an exact mixture.
+
+The ensemble `pi = sum_k w_k pi_k` is a sequence-level mixture, so serving it exactly means:
+per request, pick adapter k with probability w_k, then let vLLM generate with that adapter.
+Requests with a `user` field are routed deterministically from (seed, user), so one user keeps
+one adapter (the mixture is then over users rather than requests). Requests that name an
+adapter go straight to it. Every answer carries `x-emdpo-adapter`.
+
+Failures of the upstream never hang a client: a dead vLLM process is answered at once with a
+503, connection errors with a 502 and timeouts with a 504, all with an OpenAI-style JSON body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import httpx
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.background import BackgroundTask
+
+from ..export.routing import RoutingConfig
+
+ENSEMBLE = "ensemble"
+HEADER = "x-emdpo-adapter"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one adapter is served: the vLLM base URL and the model name vLLM knows it by."""
+
+    url: str
+    model: str
+    alive: Callable[[], bool] = lambda: True
+
+
+class AdapterChooser:
+    """Samples an adapter from the mixture weights; sticky (hash of seed and user) when a user is given."""
+
+    def __init__(self, names: list[str], weights: list[float], seed: int = 0) -> None:
+        self.names = names
+        self.cdf = np.cumsum(np.asarray(weights, dtype=np.float64))
+        self.cdf /= self.cdf[-1]
+        self.seed = seed
+        self.rng = random.Random(seed)
+
+    def _pick(self, u: float) -> str:
+        # side="right": an adapter with weight 0 (an empty CDF step) is never chosen
+        return self.names[min(int(np.searchsorted(self.cdf, u, side="right")), len(self.names) - 1)]
+
+    def choose(self, user: str | None = None) -> str:
+        if user is None:
+            return self._pick(self.rng.random())
+        digest = hashlib.sha256(f"{self.seed}\x00{user}".encode()).digest()
+        return self._pick(int.from_bytes(digest[:8], "big") / 2**64)
+
+
+def error(status: int, message: str, kind: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+def build_app(cfg: RoutingConfig, targets: dict[str, Target], *, seed: int = 0,
+              request_timeout: float = 600.0, client: httpx.AsyncClient | None = None) -> FastAPI:
+    """The router app. `client` is injectable for tests (e.g. an ASGI transport to a fake vLLM)."""
+    names = [a.name for a in cfg.adapters]
+    weights = {a.name: a.weight for a in cfg.adapters}
+    chooser = AdapterChooser(names, [weights[n] for n in names], seed)
+    http = client or httpx.AsyncClient(timeout=httpx.Timeout(request_timeout, connect=5.0),
+                                       limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+    registry = CollectorRegistry()
+    requests_total = Counter("emdpo_requests", "Requests routed, by adapter, endpoint and HTTP status",
+                             ["adapter", "endpoint", "status"], registry=registry)
+    errors_total = Counter("emdpo_errors", "Requests answered with an error by the router itself, by reason",
+                           ["reason"], registry=registry)
+    latency = Histogram("emdpo_request_seconds", "Time to the upstream's response headers",
+                        ["adapter", "endpoint"], registry=registry)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        await http.aclose()
+
+    app = FastAPI(title="emdpo router", description=f"mixture of {names} over {cfg.base_model}", lifespan=lifespan)
+    app.state.chooser = chooser
+
+    def fail(status: int, message: str, kind: str, reason: str) -> JSONResponse:
+        errors_total.labels(reason).inc()
+        return error(status, message, kind)
+
+    async def forward(request: Request, path: str) -> Response:
+        endpoint = path.rsplit("/", 1)[-1]
+        try:
+            body: Any = await request.json()
+        except ValueError:
+            return fail(400, "request body is not valid JSON", "BadRequestError", "bad_request")
+        if not isinstance(body, dict):
+            return fail(400, "request body must be a JSON object", "BadRequestError", "bad_request")
+        model = body.get("model") or ENSEMBLE
+        user = body.get("user")
+        if model == ENSEMBLE:
+            name = chooser.choose(str(user) if user is not None else None)
+        elif model in targets:
+            name = model
+        else:
+            return fail(404, f"model {model!r} is not served here; use {ENSEMBLE!r} or one of {names}",
+                        "NotFoundError", "unknown_model")
+        target = targets[name]
+        headers = {HEADER: name}
+        if not target.alive():
+            requests_total.labels(name, endpoint, "503").inc()
+            return JSONResponse({"error": {"message": f"vLLM server for adapter {name!r} is not running",
+                                           "type": "ServiceUnavailableError", "code": 503}},
+                                status_code=503, headers=headers)
+        body["model"] = target.model
+        upstream = http.build_request("POST", target.url + path, json=body)
+        timer = latency.labels(name, endpoint).time()
+        try:
+            with timer:
+                resp = await http.send(upstream, stream=True)
+        except httpx.TimeoutException as exc:
+            requests_total.labels(name, endpoint, "504").inc()
+            errors_total.labels("upstream_timeout").inc()
+            return JSONResponse({"error": {"message": f"vLLM did not answer in time: {exc!r}",
+                                           "type": "GatewayTimeoutError", "code": 504}},
+                                status_code=504, headers=headers)
+        except httpx.HTTPError as exc:
+            requests_total.labels(name, endpoint, "502").inc()
+            errors_total.labels("upstream_unreachable").inc()
+            return JSONResponse({"error": {"message": f"vLLM unreachable: {exc!r}", "type": "BadGatewayError",
+                                           "code": 502}}, status_code=502, headers=headers)
+        requests_total.labels(name, endpoint, str(resp.status_code)).inc()
+        media_type = resp.headers.get("content-type", "application/json")
+        if body.get("stream"):
+            return StreamingResponse(_relay(resp, errors_total), status_code=resp.status_code, media_type=media_type,
+                                     headers=headers, background=BackgroundTask(resp.aclose))
+        try:
+            content = await resp.aread()
+        except httpx.HTTPError as exc:
+            errors_total.labels("upstream_unreachable").inc()
+            return JSONResponse({"error": {"message": f"vLLM connection lost: {exc!r}", "type": "BadGatewayError",
+                                           "code": 502}}, status_code=502, headers=headers)
+        finally:
+            await resp.aclose()
+        return Response(content=content, status_code=resp.status_code, media_type=media_type, headers=headers)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await forward(request, "/v1/completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await forward(request, "/v1/chat/completions")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        data = [{"id": ENSEMBLE, "object": "model", "owned_by": "emdpo", "weights": weights,
+                 "root": cfg.base_model}]
+        data += [{"id": n, "object": "model", "owned_by": "emdpo", "weight": weights[n], "parent": ENSEMBLE}
+                 for n in names]
+        return {"object": "list", "data": data}
+
+    @app.get("/health")
+    async def health() -> Response:
+        down = sorted({n for n, t in targets.items() if not t.alive()})
+        if not down:
+            checks = {t.url for t in targets.values()}
+            for url in checks:
+                try:
+                    r = await http.get(url + "/health", timeout=5.0)
+                    if r.status_code != 200:
+                        down.append(url)
+                except httpx.HTTPError:
+                    down.append(url)
+        if down:
+            return JSONResponse({"status": "unavailable", "down": down}, status_code=503)
+        return JSONResponse({"status": "ok", "adapters": names})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def _relay(resp: httpx.Response, errors_total: Counter):
+    """Pass vLLM's server-sent events through; a broken upstream ends the stream with an error event."""
+    try:
+        async for chunk in resp.aiter_raw():
+            yield chunk
+    except httpx.HTTPError as exc:
+        errors_total.labels("stream_broken").inc()
+        yield f'data: {{"error": {{"message": "vLLM stream broken: {type(exc).__name__}", "code": 502}}}}\n\n'.encode()
