@@ -25,6 +25,7 @@ SMALL = ["data.config.users=24", "data.config.pairs_per_user=6", "data.config.te
          "stages.em.config.iterations=2", "stages.minmax.config.prompts=8",
          "stages.minmax.config.steps=2000", "stages.minmax_w14.config.prompts=8",
          "stages.minmax_kmeans.config.prompts=8", "stages.report.config.regret_prompts=8",
+         "stages.minmax_kmeans.config.sampler=vllm",
          "model.generation.max_new_tokens=8"]
 
 
@@ -59,6 +60,16 @@ def test_cpu_recipe_runs_every_stage_and_exports(tmp_path):
         assert abs(sum(a.weight for a in routing.adapters) - 1) < 1e-6
         assert routing.adapter_type == "lora"
         assert (out / stage / "adapters" / "type0" / "adapter_config.json").exists()  # PEFT adapter folders
+    samplers = {s: json.loads((out / s / "ensemble.json").read_text())["sampler"] for s in ("minmax", "minmax_kmeans")}
+    assert samplers == {"minmax": "hf", "minmax_kmeans": "vllm"}
+    # re-exporting `minmax` with the (1,4) priorities re-solves the same game as the minmax_w14 stage
+    # (same prompts, seed and HF samples, so the same L)
+    exported = tmp_path / "w14"
+    proc = subprocess.run([OPENRLHF, "export", str(out / "minmax"), "--priority", "1,4", "--out", str(exported)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    w14 = json.loads((out / "minmax_w14" / "ensemble.json").read_text())["weights"]
+    assert [a.weight for a in load_routing(exported / "routing.yaml").adapters] == pytest.approx(w14, abs=1e-6)
     figures = {p.name for p in (out / "report").glob("*.png")}
     assert {"accuracy_after_clustering.png", "margin_after_aggregation.png", "regret_after_aggregation.png"} <= figures
     assert m["timings_s"]["em"] > 0

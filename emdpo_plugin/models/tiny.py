@@ -140,7 +140,7 @@ def build_tiny_lm(
     vocab_size: int = 2000,
     hidden_size: int = 64,
     layers: int = 2,
-    heads: int = 4,
+    heads: int = 2,  # head_dim 32: the smallest vLLM's CPU attention supports
     max_position: int = 256,
     sft_steps: int = 150,
     batch_size: int = 16,
@@ -232,6 +232,9 @@ def _init_model(tokenizer, init_dir: Path, *, hidden_size: int, layers: int, hea
 
     if hidden_size % heads:
         raise ValueError(f"hidden_size {hidden_size} is not divisible by heads {heads}")
+    if hidden_size // heads < 32:
+        raise ValueError(f"head_dim = hidden_size / heads = {hidden_size // heads}; vLLM's CPU attention "
+                         f"(serving, sampler: vllm) needs at least 32: use fewer heads or a larger hidden_size")
     cfg = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,

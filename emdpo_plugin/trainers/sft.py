@@ -21,7 +21,7 @@ class SFTConfig(StageConfig):
     vocab_size: int = 2000
     hidden_size: int = 64
     layers: int = 2
-    heads: int = 4
+    heads: int = Field(2, description="hidden_size / heads must be >= 32 (vLLM's CPU attention)")
     max_position: int = 256
     sft_steps: int = 150
     batch_size: int = 16
