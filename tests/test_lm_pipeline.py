@@ -62,13 +62,17 @@ def test_cpu_recipe_runs_every_stage_and_exports(tmp_path):
         assert (out / stage / "adapters" / "type0" / "adapter_config.json").exists()  # PEFT adapter folders
     samplers = {s: json.loads((out / s / "ensemble.json").read_text())["sampler"] for s in ("minmax", "minmax_kmeans")}
     assert samplers == {"minmax": "hf", "minmax_kmeans": "vllm"}
-    # re-exporting `minmax` with the (1,4) priorities re-solves the same game as the minmax_w14 stage
-    # (same prompts, seed and HF samples, so the same L)
+    # re-exporting `minmax` with minmax_w14's priorities ({grammar: 1, sentiment: 4}, resolved per type
+    # through the EM clustering) re-solves the same game (same prompts, seed and HF samples: same L)
+    w14_stage = json.loads((out / "minmax_w14" / "ensemble.json").read_text())
+    t2g = m["clustering"]["em"]["type_to_group"]
+    assert w14_stage["priority"] == [4.0 if t2g["sentiment"] == k else 1.0 for k in range(2)]
     exported = tmp_path / "w14"
-    proc = subprocess.run([OPENRLHF, "export", str(out / "minmax"), "--priority", "1,4", "--out", str(exported)],
+    proc = subprocess.run([OPENRLHF, "export", str(out / "minmax"), "--priority",
+                           ",".join(str(c) for c in w14_stage["priority"]), "--out", str(exported)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    w14 = json.loads((out / "minmax_w14" / "ensemble.json").read_text())["weights"]
+    w14 = w14_stage["weights"]
     assert [a.weight for a in load_routing(exported / "routing.yaml").adapters] == pytest.approx(w14, abs=1e-6)
     figures = {p.name for p in (out / "report").glob("*.png")}
     assert {"accuracy_after_clustering.png", "margin_after_aggregation.png", "regret_after_aggregation.png"} <= figures

@@ -160,3 +160,52 @@ def test_chooser_matches_weights(weights):
     counts = Counter(chooser.choose() for _ in range(n))
     for name, w in weights.items():
         assert abs(counts[name] - w * n) <= 4 * math.sqrt(n * w * (1 - w)) + 1e-9
+
+
+def _adapter_folders(root, rank: int):
+    from emdpo_plugin.export.routing import write_routing
+
+    for n in WEIGHTS:
+        (root / "adapters" / n).mkdir(parents=True)
+        (root / "adapters" / n / "adapter_config.json").write_text(json.dumps({"r": rank}))
+    return write_routing(root / "routing.yaml", routing())
+
+
+def test_lora_ensemble_is_one_vllm_with_every_adapter(tmp_path):
+    from emdpo_plugin.serve.vllm_server import plan_servers
+
+    path = _adapter_folders(tmp_path, rank=12)
+    servers, placement = plan_servers(path, routing(), extra_args=["--max-model-len=128"], log_dir=tmp_path, port=4321)
+    assert len(servers) == 1 and servers[0].port == 4321
+    cmd = servers[0].command()
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"  # vLLM itself is never public
+    assert cmd[cmd.index("--max-lora-rank") + 1] == "16"  # rank 12 rounded up to a rank vLLM accepts
+    assert cmd[cmd.index("--max-loras") + 1] == "2" and "--max-model-len=128" in cmd
+    i = cmd.index("--lora-modules")
+    assert cmd[i + 1:i + 3] == [f"type0={tmp_path / 'adapters' / 'type0'}", f"type1={tmp_path / 'adapters' / 'type1'}"]
+    assert placement == {"type0": (servers[0], "type0"), "type1": (servers[0], "type1")}
+
+
+def test_full_model_ensemble_is_one_vllm_per_model(tmp_path):
+    from emdpo_plugin.serve.vllm_server import plan_servers
+
+    path = _adapter_folders(tmp_path, rank=8)
+    cfg = routing().model_copy(update={"adapter_type": "full"})
+    servers, placement = plan_servers(path, cfg, extra_args=[], log_dir=tmp_path)
+    assert [s.name for s in servers] == ["type0", "type1"] and len({s.port for s in servers}) == 2
+    for s in servers:
+        cmd = s.command()
+        assert cmd[cmd.index("--model") + 1] == str(tmp_path / "adapters" / s.name)
+        assert cmd[cmd.index("--served-model-name") + 1] == s.name and "--enable-lora" not in cmd
+    assert placement["type1"][1] == "type1"
+
+
+def test_a_folder_that_is_not_a_lora_adapter_is_named(tmp_path):
+    from emdpo_plugin.errors import EmdpoError
+    from emdpo_plugin.serve.vllm_server import plan_servers
+
+    path = _adapter_folders(tmp_path, rank=8)
+    (tmp_path / "adapters" / "type1" / "adapter_config.json").unlink()
+    with pytest.raises(EmdpoError, match="type1.*adapter_config.json"):
+        plan_servers(path, routing(), extra_args=[], log_dir=tmp_path)

@@ -22,13 +22,17 @@ from .base import StageConfig, StageContext, Trainer
 from .. import __version__
 from ..errors import EmdpoError
 from ..export.routing import AdapterEntry, RoutingConfig, write_routing
-from .common import dataset_from, policies_from, prompts_from, rel_path
+from ..errors import RecipeError
+from ..eval.evaluate import clustering_report
+from .common import dataset_from, policies_from, prompts_from, rel_path, run_path
 
 
 class MinMaxConfig(StageConfig):
     eta: float = Field(0.05, gt=0, description="optimistic Hedge step size")
     steps: int = Field(10_000, ge=1, description="optimistic Hedge iterations")
-    priority: list[float] | None = Field(None, description="per-type priority weights c_k (weighted variant)")
+    priority: list[float] | dict[str, float] | None = Field(None, description=(
+        "priority weights c_k of the weighted variant: a list per type, or {group: c} for data with "
+        "labelled groups (each type takes the priority of the group it is matched to)"))
     prompts: int = Field(512, ge=1, description="prompts x ~ D for estimating L")
     samples_per_prompt: int = Field(1, ge=1)
     sampler: Literal["hf", "vllm"] = Field("hf", description=(
@@ -80,6 +84,35 @@ def export_routing(ctx: StageContext, backend: Any, dirs: dict[str, Path], names
     return rel_path(ctx, out / "routing.yaml")
 
 
+def resolve_priority(ctx: StageContext, priority: list[float] | dict[str, float] | None,
+                     inputs: dict[str, dict[str, Any]], K: int) -> np.ndarray | None:
+    """Per-type priorities. `{group: c}` (the paper's "(1,4)" is per group) is mapped through the
+    Hungarian type-to-group matching of the policies stage's clustering against the data's labels."""
+    where = f"stages.{ctx.stage_name}.config.priority"
+    if priority is None:
+        return None
+    if isinstance(priority, list):
+        if len(priority) != K or any(c <= 0 for c in priority):
+            raise RecipeError(f"{where}: expected {K} positive numbers (one per type), got {priority}")
+        return np.asarray(priority, dtype=np.float64)
+    clustering = inputs["policies"].get("clustering")
+    if clustering is None or "dataset" not in inputs:
+        raise RecipeError(f"{where}: a {{group: c}} mapping needs a policies stage with a clustering (em_dpo, "
+                          f"cluster_dpo) and a dataset input with annotator groups")
+    train = dataset_from(ctx, inputs["dataset"]).train
+    groups = dict(zip(train.annotator_ids, train.annotator_groups()))
+    cl = json.loads(run_path(ctx, clustering).read_text())
+    # group name -> matched type index
+    matched = clustering_report(cl["annotator_ids"], np.asarray(cl["responsibilities"]), groups)["type_to_group"]
+    if set(priority) != set(groups.values()) or any(c <= 0 for c in priority.values()):
+        raise RecipeError(f"{where}: expected a positive priority for each group {sorted(set(groups.values()))}, "
+                          f"got {priority}")
+    c = np.ones(K)  # a type matched to no group (K > groups) keeps priority 1
+    for group, k in matched.items():
+        c[k] = priority[group]
+    return c
+
+
 class MinMaxEnsembleStage(Trainer):
     name = "minmax_ensemble"
     description = "MinMax-DPO: min-max-regret mixture weights over an earlier stage's type policies."
@@ -112,14 +145,16 @@ class MinMaxEnsembleStage(Trainer):
             sample = lambda j: backend.sample(policies[j], prompts, n, seed + j)  # noqa: E731
         L = estimate_L(backend, policies, prompts, sample)
         sampling = {"sampler": config.sampler, "L_seconds": time.perf_counter() - t}
-        R = regret_matrix(L, np.asarray(config.priority) if config.priority is not None else None)
+        priority = resolve_priority(ctx, config.priority, inputs, len(policies))
+        R = regret_matrix(L, priority)
         hedge = optimistic_hedge(R, eta=config.eta, steps=config.steps)
         lp_value, lp_weights = game_value_lp(R)
         out = ctx.out_dir
         np.savez(out / "game.npz", L=L, R=R, trajectory=hedge.trajectory, weights=hedge.weights)
         ensemble = {"name": f"{ctx.stage_name}/ensemble", "policies": names, "weights": hedge.weights.tolist(),
                     "paths": inputs["policies"]["policies"], "beta": backend.beta,
-                    "hedge_value": hedge.value, "lp_value": lp_value, "lp_weights": lp_weights.tolist(), **sampling}
+                    "hedge_value": hedge.value, "lp_value": lp_value, "lp_weights": lp_weights.tolist(),
+                    "priority": None if priority is None else priority.tolist(), **sampling}
         (out / "ensemble.json").write_text(json.dumps(ensemble, indent=2))
         routing = export_routing(ctx, backend, dirs, names, hedge.weights, config) if lm else None
         if routing is not None:
