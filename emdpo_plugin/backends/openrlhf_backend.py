@@ -72,7 +72,8 @@ class OpenRLHFModelConfig(StrictModel):
     label_smoothing: float = 0.0
     nll_loss_coef: float = Field(0.0, ge=0.0, description=(
         "OpenRLHF's nll_loss_coef: adds coef * per-token NLL of each comparison's top response to "
-        "the (weighted) DPO loss, which keeps type policies near the reference's likelihood scale"))
+        "the (weighted) DPO loss, which keeps type policies near the reference's likelihood scale; "
+        "a training regulariser only: the E-step and EM's monotonicity guard use the pure likelihood"))
     max_len: int = 512
     eval_batch_size: int = 16
     lora: LoraSpec = LoraSpec()

@@ -17,7 +17,7 @@ import numpy as np
 from .. import __version__
 from ..algorithms.minmax import game_value_lp, optimistic_hedge, regret_matrix
 from ..errors import EmdpoError
-from .routing import AdapterEntry, RoutingConfig, adapter_dirs, load_routing, write_routing
+from .routing import RoutingConfig, adapter_dirs, load_routing, mixture_entries, write_routing
 
 
 def _load_game(stage_dir: Path) -> np.ndarray:
@@ -56,15 +56,9 @@ def reexport(stage_dir: str | Path, out_dir: str | Path, priority: list[float], 
 
     out_dir.mkdir(parents=True, exist_ok=True)
     src_dirs = adapter_dirs(stage_dir / "routing.yaml", source)
-    entries = []
-    for a, w in zip(source.adapters, hedge.weights):
-        dest = out_dir / "adapters" / a.name
-        shutil.copytree(src_dirs[a.name], dest, dirs_exist_ok=True)
-        entries.append(AdapterEntry(name=a.name, path=f"adapters/{a.name}", weight=float(max(w, 0.0))))
-    total = sum(e.weight for e in entries)
-    for e in entries:
-        e.weight /= total
-    entries[-1].weight = float(1.0 - sum(e.weight for e in entries[:-1]))
+    for a in source.adapters:
+        shutil.copytree(src_dirs[a.name], out_dir / "adapters" / a.name, dirs_exist_ok=True)
+    entries = mixture_entries([a.name for a in source.adapters], hedge.weights)
     meta = {**source.meta, "priority": [float(c) for c in priority], "reexported_from": str(stage_dir),
             "created_by": f"emdpo_plugin {__version__}"}
     cfg = RoutingConfig(base_model=source.base_model, policy=source.policy, adapter_type=source.adapter_type,

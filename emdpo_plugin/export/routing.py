@@ -53,6 +53,15 @@ class RoutingConfig(StrictModel):
         return self
 
 
+def mixture_entries(names: list[str], weights: Any) -> list[AdapterEntry]:
+    """Entries for folders `adapters/<name>`, weights clipped at 0 and normalised to sum to 1."""
+    w = [max(float(x), 0.0) for x in weights]
+    total = sum(w)
+    entries = [AdapterEntry(name=n, path=f"adapters/{n}", weight=x / total) for n, x in zip(names, w)]
+    entries[-1].weight = 1.0 - sum(e.weight for e in entries[:-1])  # float rounding must not break the sum
+    return entries
+
+
 def write_routing(path: Path, config: RoutingConfig) -> Path:
     path.write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
     load_routing(path)  # never write a config that would not load

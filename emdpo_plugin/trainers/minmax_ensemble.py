@@ -20,9 +20,8 @@ from tqdm.auto import tqdm
 from ..algorithms.minmax import game_value_lp, optimistic_hedge, regret_matrix
 from .base import StageConfig, StageContext, Trainer
 from .. import __version__
-from ..errors import EmdpoError
-from ..export.routing import AdapterEntry, RoutingConfig, write_routing
-from ..errors import RecipeError
+from ..errors import EmdpoError, RecipeError
+from ..export.routing import RoutingConfig, mixture_entries, write_routing
 from ..eval.evaluate import clustering_report
 from .common import dataset_from, policies_from, prompts_from, rel_path, run_path
 
@@ -70,13 +69,7 @@ def export_routing(ctx: StageContext, backend: Any, dirs: dict[str, Path], names
                    config: MinMaxConfig) -> str:
     """`<stage>/routing.yaml` naming the saved type policies and their mixture weights."""
     out = ctx.out_dir
-    entries = []
-    w = np.clip(weights, 0.0, None)
-    w = w / w.sum()
-    for short, weight in zip(dirs, w):
-        entries.append(AdapterEntry(name=short, path=f"adapters/{short}", weight=float(weight)))
-    # rounding to 1e-6 must not break the sum
-    entries[-1].weight = float(1.0 - sum(e.weight for e in entries[:-1]))
+    entries = mixture_entries(list(dirs), weights)
     cfg = RoutingConfig(base_model=backend.base_model, adapter_type=backend.adapter_type, adapters=entries,
                         meta={"beta": backend.beta, "K": len(names), "policies": names, "recipe": ctx.recipe.get("name"),
                               "priority": config.priority, "created_by": f"emdpo_plugin {__version__}"})
