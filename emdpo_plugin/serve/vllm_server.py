@@ -93,8 +93,12 @@ class VLLMServer:
 
     def wait_healthy(self, timeout: float) -> None:
         """Poll `/health` until 200; fail early, with vLLM's last log lines, if it exits."""
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        deadline, next_note = start + timeout, start + 15.0
         while time.monotonic() < deadline:
+            if time.monotonic() >= next_note:  # vLLM loads silently for tens of seconds: show it is alive
+                print(f"waiting for vLLM ({self.name}): {time.monotonic() - start:.0f} s", flush=True)
+                next_note += 15.0
             if not self.alive():
                 raise EmdpoError(f"vLLM server {self.name!r} exited with code {self.process.returncode} "
                                  f"before becoming healthy; last lines of {self.log_path}:\n{self.log_tail()}")
