@@ -53,6 +53,26 @@ def timed_requests(client: httpx.Client, url: str, models: list[str], prompt: st
     return latencies, adapters
 
 
+def concurrent_rate(url: str, models: list[str], prompt: str, max_tokens: int, concurrency: int) -> float:
+    """Requests/s with `concurrency` clients in flight (asyncio + httpx)."""
+    import asyncio
+
+    async def run() -> float:
+        queue = list(models)
+        async with httpx.AsyncClient(timeout=120) as c:
+            async def worker():
+                while queue:
+                    m = queue.pop()
+                    r = await c.post(url + "/v1/completions", json={"model": m, "prompt": prompt,
+                                                                    "max_tokens": max_tokens, "temperature": 1.0})
+                    r.raise_for_status()
+            t = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            return len(models) / (time.perf_counter() - t)
+
+    return asyncio.run(run())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("routing")
@@ -61,6 +81,7 @@ def main() -> int:
     ap.add_argument("--block", type=int, default=50)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--prompt", default="The movie was")
+    ap.add_argument("--concurrency", type=int, default=8, help="clients in flight for the concurrent comparison")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -109,6 +130,18 @@ def main() -> int:
                 res[side] = {"req_per_s": round(len(ls) / sum(ls), 3), "p50_ms": round(1000 * ls_sorted[len(ls) // 2], 1),
                              "p95_ms": round(1000 * ls_sorted[int(0.95 * len(ls))], 1)}
             res["router_over_direct_throughput"] = round(res["router"]["req_per_s"] / res["direct"]["req_per_s"], 3)
+            n_conc = min(args.requests, 100)
+            conc = {"router": [], "direct": []}
+            for _ in range(2):  # alternate, twice each
+                conc["router"].append(concurrent_rate(router, ["ensemble"] * n_conc, args.prompt, args.max_tokens,
+                                                      args.concurrency))
+                conc["direct"].append(concurrent_rate(vllm, rng.choices(names, weights, k=n_conc), args.prompt,
+                                                      args.max_tokens, args.concurrency))
+            res["concurrent"] = {"clients": args.concurrency, "requests_per_try": n_conc,
+                                 **{side: {"req_per_s": round(sum(v) / len(v), 3)} for side, v in conc.items()}}
+            res["concurrent"]["router_over_direct_throughput"] = round(
+                res["concurrent"]["router"]["req_per_s"] / res["concurrent"]["direct"]["req_per_s"], 3)
+            print(f"concurrent x{args.concurrency}: {res['concurrent']}", flush=True)
             counts = Counter(adapters)
             n = len(adapters)
             res["adapter_counts"] = {a: counts[a] for a in names}
