@@ -18,6 +18,7 @@ from rich.markup import escape
 
 from .. import registry
 from ..errors import EmdpoError, RecipeError
+from ..executors import make_executor
 from ..trainers.base import StageContext
 from .schema import Plan, PlannedStage
 from .state import RunState, config_hash, save_resolved_recipe
@@ -93,12 +94,29 @@ def run_plan(
     state.set_plan([(ps.spec.name, ps.spec.trainer, hashes[ps.spec.name]) for ps in plan.stages], keep=reuse)
 
     backend_cache: dict[str, Any] = {}
+    state.data["executor"] = plan.executor.model_dump(mode="json")
+    state.save()
 
     def shared_backend() -> Any:  # one backend per run, built on first use only
         if "backend" not in backend_cache:
             backend_cache["backend"] = backend_factory(plan.recipe, run_dir)
         return backend_cache["backend"]
 
+    def shared_executor() -> Any:  # one executor per run (a Ray executor keeps its actors)
+        if "executor" not in backend_cache:
+            backend_cache["executor"] = make_executor(plan.executor, plan.recipe, run_dir)
+        return backend_cache["executor"]
+
+    try:
+        _run_stages(plan, state, reuse, run_dir, shared_backend, shared_executor, console)
+    finally:
+        if "executor" in backend_cache:
+            backend_cache["executor"].close()
+    return state.data
+
+
+def _run_stages(plan: Plan, state: RunState, reuse: set[str], run_dir: Path, shared_backend: Callable[[], Any],
+                shared_executor: Callable[[], Any], console: Console) -> None:
     for ps in plan.stages:
         name = ps.spec.name
         if name in reuse:
@@ -111,6 +129,7 @@ def run_plan(
             seed=plan.seed,
             recipe=copy.deepcopy(plan.recipe),
             _backend_factory=shared_backend,
+            _executor_factory=shared_executor,
         )
         console.print(f"[bold]start[/] {escape(name)} ({escape(ps.spec.trainer)})")
         state.mark_running(name)
@@ -125,7 +144,6 @@ def run_plan(
         seconds = time.perf_counter() - started
         state.mark_done(name, outputs, seconds)
         console.print(f"[bold green]done[/] {escape(name)} in {seconds:.1f}s")
-    return state.data
 
 
 def _checked_outputs(stage: str, outputs: Any) -> dict[str, Any]:

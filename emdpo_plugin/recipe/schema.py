@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, StrictInt, ValidationError
 
 from .. import registry
 from ..errors import EmdpoError, RecipeError
+from ..executors import ExecutorConfig
 from ..trainers.base import StageConfig
 
 STAGE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
@@ -41,6 +42,7 @@ class Recipe(BaseModel):
     output_dir: str | None = None
     model: dict[str, Any] = {}
     data: dict[str, Any] = {}
+    executor: ExecutorConfig = ExecutorConfig()
     stages: list[StageSpec]
 
 
@@ -65,6 +67,10 @@ class Plan:
     @property
     def seed(self) -> int:
         return self.recipe.get("seed", 0)
+
+    @property
+    def executor(self) -> ExecutorConfig:
+        return ExecutorConfig.model_validate(self.recipe.get("executor") or {})
 
 
 def validate_recipe(raw: dict[str, Any], *, source: str | None = None) -> Plan:

@@ -30,6 +30,8 @@ class StageContext:
     recipe: dict[str, Any]  # the fully resolved recipe (after extends and --set)
     _backend: Any = field(default=None, repr=False)
     _backend_factory: Any = field(default=None, repr=False)
+    _executor: Any = field(default=None, repr=False)
+    _executor_factory: Any = field(default=None, repr=False)
 
     @property
     def out_dir(self) -> Path:
@@ -43,6 +45,18 @@ class StageContext:
         if self._backend is None:
             self._backend = self._backend_factory()
         return self._backend
+
+    @property
+    def executor(self):
+        """Where K type fits run (recipe `executor:`): in this process, or side by side on Ray."""
+        if self._executor is None:
+            if self._executor_factory is None:
+                from ..executors import LocalExecutor
+
+                self._executor = LocalExecutor()
+            else:
+                self._executor = self._executor_factory()
+        return self._executor
 
 
 class Trainer(ABC):

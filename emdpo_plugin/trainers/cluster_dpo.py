@@ -15,6 +15,7 @@ from pydantic import Field
 from sklearn.cluster import KMeans
 
 from ..errors import EmdpoError
+from ..executors import FitJob
 from .base import StageConfig, StageContext, Trainer
 from .common import dataset_from, rel_path
 
@@ -69,10 +70,11 @@ class ClusterDPOStage(Trainer):
         labels = KMeans(n_clusters=config.K, n_init=config.n_init, random_state=seed).fit_predict(emb)
         resp = np.eye(config.K)[labels]
         backend, out, names = ctx.backend, ctx.out_dir, {}
-        for k in range(config.K):
-            policy = backend.new_policy(seed + 1000 * k)
-            backend.fit(policy, data, resp[data.annotator_index, k], warm=False, desc=f"{ctx.stage_name} cluster{k}")
-            backend.save(policy, out / f"type{k}")
+        jobs = [FitJob(backend.new_policy(seed + 1000 * k), resp[data.annotator_index, k], False,
+                       f"{ctx.stage_name} cluster{k}") for k in range(config.K)]
+        ctx.executor.fit_many(backend, data, jobs)
+        for k, job in enumerate(jobs):
+            backend.save(job.policy, out / f"type{k}")
             names[f"{ctx.stage_name}/type{k}"] = rel_path(ctx, out / f"type{k}")
         clustering = {"annotator_ids": data.annotator_ids, "responsibilities": resp.tolist(),
                       "eta": resp.mean(axis=0).tolist(), "log_likelihood": [], "embedder": config.embedder}

@@ -30,10 +30,13 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 from ..algorithms.em import annotator_loglik, comparison_weights, dirichlet_responsibilities, e_step, update_eta
-from ..algorithms.likelihood import comparison_loglik
 from ..data.schema import ComparisonSet
+from ..executors import Executor, FitJob, LocalExecutor
 from .base import StageConfig, StageContext, Trainer
 from .common import dataset_from, rel_path, run_path
+
+
+LOCAL = LocalExecutor()
 
 
 class EMConfig(StageConfig):
@@ -49,14 +52,8 @@ class EMConfig(StageConfig):
     seed: int | None = None
 
 
-def comparison_logliks(backend: Any, policies: list[Any], data: ComparisonSet, ref: np.ndarray) -> np.ndarray:
-    """(n, K) log-likelihood of every comparison under every type (inference only)."""
-    cols = [comparison_loglik(backend.score(p, data.prompts, data.responses), ref, data.rankings,
-                              data.response_mask, backend.beta, backend.label_smoothing) for p in policies]
-    return np.stack(cols, axis=1)
-
-
-def seed_policies(backend: Any, data: ComparisonSet, ref: np.ndarray, K: int, seed: int) -> list[Any]:
+def seed_policies(backend: Any, data: ComparisonSet, ref: np.ndarray, K: int, seed: int,
+                  executor: Executor = LOCAL) -> list[Any]:
     """k-means++ in likelihood space: one annotator's comparisons per type, spread-out annotators."""
     rng = np.random.default_rng(seed)
     idx, n = data.annotator_index, data.n_annotators
@@ -70,7 +67,7 @@ def seed_policies(backend: Any, data: ComparisonSet, ref: np.ndarray, K: int, se
         policies.append(policy)
         if k == K - 1:
             break
-        ll = comparison_logliks(backend, [policy], data, ref)
+        ll = executor.loglik_many(backend, [policy], data, ref)
         nll = np.minimum(nll, -annotator_loglik(ll, idx, n)[:, 0] / np.maximum(per_annotator, 1))
         d2 = np.where(np.isin(np.arange(n), chosen), 0.0, nll**2)
         chosen.append(int(rng.choice(n, p=d2 / d2.sum())) if d2.sum() > 0 else int(rng.integers(n)))
@@ -109,7 +106,8 @@ class _Checkpoint:
 
 
 def m_step(backend: Any, policies: list[Any], data: ComparisonSet, weights: np.ndarray, ref: np.ndarray,
-           prev_ll: np.ndarray | None, warm: bool, desc: str) -> tuple[list[Any], np.ndarray, list[dict[str, Any]]]:
+           prev_ll: np.ndarray | None, warm: bool, desc: str,
+           executor: Executor = LOCAL) -> tuple[list[Any], np.ndarray, list[dict[str, Any]]]:
     """Weighted DPO per type, then score every comparison under the new policies.
 
     Generalised-EM guard: a type whose new policy lowers its weighted objective
@@ -117,8 +115,9 @@ def m_step(backend: Any, policies: list[Any], data: ComparisonSet, weights: np.n
     (an M-step solved by a few epochs of SGD is not guaranteed to improve it).
     """
     previous = [copy.deepcopy(p) for p in policies] if prev_ll is not None else None
-    fits = [backend.fit(p, data, weights[:, k], warm=warm, desc=f"{desc} type{k}") for k, p in enumerate(policies)]
-    ll = comparison_logliks(backend, policies, data, ref)
+    fits = executor.fit_many(backend, data, [FitJob(p, weights[:, k], warm, f"{desc} type{k}")
+                                             for k, p in enumerate(policies)])
+    ll = executor.loglik_many(backend, policies, data, ref)
     if previous is not None:
         for k in range(len(policies)):
             if weights[:, k] @ ll[:, k] < weights[:, k] @ prev_ll[:, k]:
@@ -128,7 +127,7 @@ def m_step(backend: Any, policies: list[Any], data: ComparisonSet, weights: np.n
 
 
 def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _Checkpoint, desc: str,
-           init_resp: np.ndarray | None = None) -> tuple[dict[str, Any], list[Any]]:
+           init_resp: np.ndarray | None = None, executor: Executor = LOCAL) -> tuple[dict[str, Any], list[Any]]:
     """One EM run from one seed; returns (state, policies). Resumes from `ckpt` if present.
 
     `init_resp` (annotators x K), e.g. another stage's clustering, replaces the seeded start."""
@@ -146,8 +145,8 @@ def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _C
             policies = [backend.new_policy(seed + 1000 * k) for k in range(cfg.K)]
             log_resp = np.log((1 - cfg.init_smoothing) * init_resp + cfg.init_smoothing / cfg.K)
         elif cfg.init == "seeded":
-            policies = seed_policies(backend, data, ref, cfg.K, seed)
-            ll = comparison_logliks(backend, policies, data, ref)
+            policies = seed_policies(backend, data, ref, cfg.K, seed, executor)
+            ll = executor.loglik_many(backend, policies, data, ref)
             log_resp = e_step(ll, data.annotator_index, data.n_annotators, np.full(cfg.K, 1.0 / cfg.K)).log_resp
         else:
             policies = [backend.new_policy(seed + 1000 * k) for k in range(cfg.K)]
@@ -158,7 +157,7 @@ def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _C
         eta = update_eta(log_resp)
         weights = comparison_weights(np.exp(log_resp), data.annotator_index, cfg.min_responsibility)
         warm = cfg.warm_start and (state["iteration"] > 0 or (cfg.init == "seeded" and init_resp is None))
-        policies, ll, fits = m_step(backend, policies, data, weights, ref, ll, warm, desc)
+        policies, ll, fits = m_step(backend, policies, data, weights, ref, ll, warm, desc, executor)
         est = e_step(ll, data.annotator_index, data.n_annotators, eta)
         log_resp = est.log_resp
         trace = state["log_likelihood"]
@@ -216,7 +215,8 @@ class EMDPOStage(Trainer):
         runs = []
         for r in range(config.restarts):
             ckpt = _Checkpoint(ctx.out_dir / "restarts" / f"r{r}", fingerprint)
-            state, policies = run_em(backend, data, config, base_seed + r, ckpt, f"{ctx.stage_name} restart {r}", init_resp)
+            state, policies = run_em(backend, data, config, base_seed + r, ckpt, f"{ctx.stage_name} restart {r}", init_resp,
+                                     ctx.executor)
             runs.append((state["log_likelihood"][-1], r, state, policies))
         best_ll, best_r, state, policies = max(runs, key=lambda t: t[0])
         out = ctx.out_dir

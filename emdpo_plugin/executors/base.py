@@ -1,0 +1,76 @@
+"""The executor seam: what EM-DPO and Cluster-DPO hand off when they train or score K policies.
+
+An EM iteration trains K independent weighted-DPO fits and then scores every comparison under
+every type. `LocalExecutor` runs them one after another on the run's backend (under torchrun or
+the DeepSpeed launcher every rank takes part in each fit: data parallel). `RayExecutor`
+(`executors/ray_executor.py`) runs the K fits at once, one Ray actor group per type.
+The algorithms never know which one they got.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import numpy as np
+from pydantic import Field
+
+from ..algorithms.likelihood import comparison_loglik
+from ..config import StrictModel
+from ..data.schema import ComparisonSet
+
+
+class ExecutorConfig(StrictModel):
+    """The recipe's top-level `executor:` section."""
+
+    kind: Literal["local", "ray"] = Field("local", description="local: this process (or every launcher rank); ray: K fits side by side on Ray")
+    address: str | None = Field(None, description="Ray cluster address ('auto' joins a running cluster); none starts a local Ray")
+    gpus_per_type: int = Field(0, ge=0, description="GPUs per type's actor group (its data-parallel size when > 0); 0 on CPU")
+    cpus_per_type: float = Field(1.0, gt=0, description="CPUs reserved per actor")
+    num_nodes_per_type: int = Field(1, ge=1, description="nodes per type's actor group")
+
+
+@dataclass
+class FitJob:
+    """One weighted-DPO fit: `policy` is trained in place on the rows with weight > 0."""
+
+    policy: Any
+    weights: np.ndarray
+    warm: bool
+    desc: str
+
+
+class Executor(Protocol):
+    def fit_many(self, backend: Any, data: ComparisonSet, jobs: list[FitJob]) -> list[dict[str, Any]]:
+        """Run every job; policies are updated in place; returns each fit's stats in job order."""
+
+    def loglik_many(self, backend: Any, policies: list[Any], data: ComparisonSet, ref: np.ndarray) -> np.ndarray:
+        """(n, K) log-likelihood of every comparison under every policy (inference only)."""
+
+    def close(self) -> None: ...
+
+
+class LocalExecutor:
+    """Every fit and score in this process, one after another, on the run's backend."""
+
+    kind = "local"
+
+    def fit_many(self, backend: Any, data: ComparisonSet, jobs: list[FitJob]) -> list[dict[str, Any]]:
+        return [backend.fit(j.policy, data, j.weights, warm=j.warm, desc=j.desc) for j in jobs]
+
+    def loglik_many(self, backend: Any, policies: list[Any], data: ComparisonSet, ref: np.ndarray) -> np.ndarray:
+        cols = [comparison_loglik(backend.score(p, data.prompts, data.responses), ref, data.rankings,
+                                  data.response_mask, backend.beta, backend.label_smoothing) for p in policies]
+        return np.stack(cols, axis=1)
+
+    def close(self) -> None:
+        pass
+
+
+def make_executor(config: ExecutorConfig, recipe: dict[str, Any], run_dir: Any) -> Executor:
+    """The executor a recipe asks for (Ray is imported only when used)."""
+    if config.kind == "local":
+        return LocalExecutor()
+    from .ray_executor import RayExecutor
+
+    return RayExecutor(config, recipe, run_dir)
