@@ -9,6 +9,7 @@ The algorithms never know which one they got.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -41,6 +42,8 @@ class FitJob:
 
 
 class Executor(Protocol):
+    timeline: list[dict[str, Any]]  # one entry per fit: {desc, start, end, worker}; drained per stage
+
     def fit_many(self, backend: Any, data: ComparisonSet, jobs: list[FitJob]) -> list[dict[str, Any]]:
         """Run every job; policies are updated in place; returns each fit's stats in job order."""
 
@@ -55,8 +58,16 @@ class LocalExecutor:
 
     kind = "local"
 
+    def __init__(self) -> None:
+        self.timeline: list[dict[str, Any]] = []
+
     def fit_many(self, backend: Any, data: ComparisonSet, jobs: list[FitJob]) -> list[dict[str, Any]]:
-        return [backend.fit(j.policy, data, j.weights, warm=j.warm, desc=j.desc) for j in jobs]
+        out = []
+        for j in jobs:
+            start = time.time()
+            out.append(backend.fit(j.policy, data, j.weights, warm=j.warm, desc=j.desc))
+            self.timeline.append({"desc": j.desc, "start": start, "end": time.time(), "worker": "local"})
+        return out
 
     def loglik_many(self, backend: Any, policies: list[Any], data: ComparisonSet, ref: np.ndarray) -> np.ndarray:
         cols = [comparison_loglik(backend.score(p, data.prompts, data.responses), ref, data.rankings,

@@ -142,6 +142,9 @@ def _run_stages(plan: Plan, state: RunState, reuse: set[str], run_dir: Path, sha
             console.print(f"[bold red]failed[/] {escape(name)} after {seconds:.1f}s: {escape(_error_text(exc))}")
             raise
         seconds = time.perf_counter() - started
+        if ctx._executor is not None and ctx._executor.timeline:  # when each fit ran (Ray: side by side)
+            state.stages[name]["fit_timeline"] = ctx._executor.timeline[:]
+            ctx._executor.timeline.clear()
         state.mark_done(name, outputs, seconds)
         console.print(f"[bold green]done[/] {escape(name)} in {seconds:.1f}s")
 
