@@ -8,6 +8,7 @@ plus one dict entry. User errors (`EmdpoError`) print as one `error: ...` line, 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -362,9 +363,31 @@ def _missing_subcommand(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
+def strip_local_rank(argv: Sequence[str]) -> list[str]:
+    """Drop the DeepSpeed launcher's `--local_rank=N` (or `--local-rank N`), wherever it stands,
+    into LOCAL_RANK (the launcher sets it too; torchrun only sets the variable)."""
+    out: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        name, eq, value = arg.partition("=")
+        if name in ("--local_rank", "--local-rank"):
+            value = value if eq else next(it, "")
+            if not value.isdigit():
+                raise EmdpoError(f"{name}: expected a process index, got {value!r}")
+            os.environ.setdefault("LOCAL_RANK", value)
+            continue
+        out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console scripts; returns the exit code."""
+    """Entry point of the console scripts and `python -m emdpo_plugin`; returns the exit code."""
     parser = build_parser()
+    try:
+        argv = strip_local_rank(sys.argv[1:] if argv is None else argv)
+    except EmdpoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, usage errors

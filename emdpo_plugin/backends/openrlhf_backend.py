@@ -24,6 +24,7 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
+from .. import dist
 from ..config import StrictModel
 from ..data.schema import ComparisonSet
 from ..errors import EmdpoError
@@ -57,6 +58,9 @@ class DSSpec(StrictModel):
     param_dtype: Literal["bf16", "fp16", "fp32"] | None = None  # default: bf16 on GPU, fp32 on CPU
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
+    torch_adam: bool | None = Field(None, description=(
+        "DeepSpeed's torch AdamW instead of its fused op (which JIT-compiles: ~75 s on CPU, needs nvcc "
+        "on GPU); default: on CPU only"))
 
 
 class GenerationSpec(StrictModel):
@@ -112,6 +116,10 @@ class OpenRLHFBackend:
         self.beta, self.label_smoothing, self.seed = self.cfg.beta, self.cfg.label_smoothing, seed
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.cpu = apply_cpu_compat()
+        if self.cfg.ds.torch_adam is not None:
+            from . import openrlhf_compat
+
+            openrlhf_compat.TORCH_ADAM = self.cfg.ds.torch_adam
         self.pretrain = resolve_pretrain(self.cfg.pretrain, self.run_dir)
         self._tokens: dict[tuple[str, str], Any] = {}
         self._ref_cache: dict[str, np.ndarray] | None = None
@@ -231,21 +239,25 @@ class OpenRLHFBackend:
     # --- scoring --------------------------------------------------------------------------
     @torch.no_grad()
     def _score_active(self, prompts: list[str], responses: list[list[str]], desc: str) -> np.ndarray:
+        """Log-probs under the active weights; under a launcher each rank scores a strided share."""
         from .weighted_dpo import collate_responses, sequence_logps
 
         width = max(len(r) for r in responses)
         out = np.full((len(prompts), width), np.nan)
         flat = [(i, j, self._tokenize(p, r)) for i, (p, rs) in enumerate(zip(prompts, responses)) for j, r in enumerate(rs)]
         flat.sort(key=lambda t: t[2].input_ids.shape[1])  # length-sorted batches pad little
+        mine_idx, mine = dist.shard(flat)
         self.module.eval()
         bs = self.cfg.eval_batch_size
-        for s in tqdm(range(0, len(flat), bs), desc=desc, leave=False, disable=len(flat) <= bs):
-            chunk = flat[s: s + bs]
+        values: list[float] = []
+        for s in tqdm(range(0, len(mine), bs), desc=desc, leave=False,
+                      disable=len(mine) <= bs or not dist.is_driver()):
+            chunk = mine[s: s + bs]
             batch, _ = collate_responses([[t] for _, _, t in chunk], self.tokenizer.pad_token_id)
             batch.input_ids, batch.attention_mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
-            logps = sequence_logps(self.actor, batch)[0].squeeze(1).double().cpu().numpy()
-            for (i, j, _), v in zip(chunk, logps):
-                out[i, j] = v
+            values.extend(sequence_logps(self.actor, batch)[0].squeeze(1).double().cpu().tolist())
+        for (i, j, _), v in zip(flat, dist.gather(mine_idx, values, len(flat))):
+            out[i, j] = v
         return out
 
     def score(self, policy: LMPolicy | None, prompts: list[str], responses: list[list[str]]) -> np.ndarray:
@@ -276,7 +288,7 @@ class OpenRLHFBackend:
             self.stats["ref_rows_computed"] += len(missing)
             self.stats["ref_seconds"] += time.perf_counter() - t
             f = self._cache_file()
-            if f is not None:
+            if f is not None and dist.is_driver():  # under a launcher rank 0 alone writes
                 f.parent.mkdir(parents=True, exist_ok=True)
                 tmp = f.with_suffix(".tmp.npz")
                 np.savez(tmp, **self._ref_cache)
@@ -338,18 +350,20 @@ class OpenRLHFBackend:
 
     @torch.no_grad()
     def sample(self, policy: LMPolicy, prompts: list[str], n: int, seed: int) -> list[list[str]]:
-        """n completions per prompt with HF generate (the serving issue adds vLLM)."""
+        """n completions per prompt with HF generate; under a launcher each rank samples a share."""
         self._activate(policy)
         self.module.eval()
         g = self.cfg.generation
         tok = self.tokenizer
-        torch.manual_seed(seed)
+        torch.manual_seed(seed + dist.rank())
+        all_prompts = prompts
+        mine_idx, prompts = dist.shard(all_prompts)
         out: list[list[str]] = []
         bs = max(1, self.cfg.eval_batch_size // n)
         side = tok.padding_side
         tok.padding_side = "left"
         try:
-            for s in tqdm(range(0, len(prompts), bs), desc="sample", leave=False):
+            for s in tqdm(range(0, len(prompts), bs), desc="sample", leave=False, disable=not dist.is_driver()):
                 enc = tok(prompts[s: s + bs], return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
                 gen = self.module.generate(**enc, do_sample=True, temperature=g.temperature, top_p=g.top_p,
                                            max_new_tokens=g.max_new_tokens, num_return_sequences=n,
@@ -358,7 +372,7 @@ class OpenRLHFBackend:
                 out.extend(texts[i * n:(i + 1) * n] for i in range(len(texts) // n))
         finally:
             tok.padding_side = side
-        return out
+        return dist.gather(mine_idx, out, len(all_prompts))
 
     def sample_vllm(self, dirs: dict[str, Path], prompts: list[str], n: int, seed: int, *,
                     log_path: Path) -> dict[str, list[list[str]]]:

@@ -1,12 +1,15 @@
-"""CPU compatibility layer for stock OpenRLHF 0.11.2 + DeepSpeed 0.19.6 (the one place).
+"""Compatibility layer for stock OpenRLHF 0.11.2 + DeepSpeed 0.19.6 (the one place).
 
-OpenRLHF assumes CUDA and flash-attn. On a CUDA-less machine (CPU-only torch) a handful of
+OpenRLHF assumes CUDA, flash-attn and a launcher. On a CUDA-less machine (CPU-only torch), on a
+GPU machine without flash-attn, or in a plain `openrlhf run` without torchrun, a handful of
 small, surgical adaptations are enough to run its SFT/DPO path unchanged. They are all made
 here, by :func:`apply_cpu_compat`, and nowhere else in the plugin. No OpenRLHF code is copied;
 each patch wraps or replaces one attribute and is documented below.
 
-``apply_cpu_compat()`` is idempotent. When ``torch.cuda.is_available()`` it does nothing and
-returns False (real GPUs use the real flash-attn and CUDA). Otherwise it installs:
+``apply_cpu_compat()`` is idempotent and returns whether the CPU-only adaptations (2, 3's shm
+op, and the torch_adam default) are in force. On every machine it installs 1 when no real
+flash-attn imports (transformers then never uses it; models run with ``sdpa``), 4, and 5 (so
+one GPU works without a launcher). On a CPU machine it also installs 2 and 3:
 
 1. ``flash_attn`` stand-ins (pure torch, real implementations).
    ``openrlhf.models.ring_attn_utils`` (imported by ``openrlhf.models``, hence by every
@@ -272,28 +275,33 @@ def _patch_torch_cuda() -> None:
 # 3. DeepSpeed
 # ---------------------------------------------------------------------------------------------
 
+TORCH_ADAM: bool | None = None  # set by the backend from model.ds.torch_adam; None: only on CPU
+
+
 def cpu_optimizer_overrides() -> dict[str, Any]:
-    """Params to merge into the DeepSpeed ``optimizer.params`` on CPU.
+    """Params to merge into the DeepSpeed ``optimizer.params``.
 
     ``torch_adam: True`` makes DeepSpeed use ``torch.optim.AdamW`` instead of JIT-compiling
-    FusedAdam / DeepSpeedCPUAdam (about 75 s each on 2 cores). Empty when CUDA is available.
+    FusedAdam / DeepSpeedCPUAdam (about 75 s each on 2 cores; on a GPU the fused op needs nvcc).
+    Default: on CPU only; ``model.ds.torch_adam`` decides when set.
     """
-    if torch.cuda.is_available():
-        return {}
-    return {"torch_adam": True}
+    use = (not torch.cuda.is_available()) if TORCH_ADAM is None else TORCH_ADAM
+    return {"torch_adam": True} if use else {}
 
 
 def _no_shm_op():
     return None
 
 
-def _patch_deepspeed() -> None:
+def _patch_shm_op() -> None:
     ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
     if not getattr(ds_comm_torch.build_shm_op, _PATCH_MARK, False):
         setattr(_no_shm_op, _PATCH_MARK, True)
         _no_shm_op.__wrapped__ = ds_comm_torch.build_shm_op
         ds_comm_torch.build_shm_op = _no_shm_op
 
+
+def _patch_ds_optimizer() -> None:
     from openrlhf.utils.deepspeed.deepspeed import DeepspeedStrategy
 
     original = DeepspeedStrategy.get_ds_train_config
@@ -400,21 +408,21 @@ def is_applied() -> bool:
 def apply_cpu_compat() -> bool:
     """Install the CPU adaptations described in the module docstring.
 
-    Idempotent. Returns False (and does nothing) when CUDA is available, True otherwise.
-    Call it before importing ``openrlhf.models`` / trainers (importing them needs the
-    flash_attn stand-ins); calling it later is also fine.
+    Idempotent. Returns True when the CPU-only adaptations are in force (no CUDA), False on a
+    GPU machine, where only the device-independent ones are made. Call it before importing
+    ``openrlhf.models`` / trainers (importing them needs flash_attn or the stand-ins); calling
+    it later is also fine.
     """
     global _APPLIED
-    if torch.cuda.is_available():
-        return False
-    if _APPLIED:
-        ensure_dist_env()  # a previous run may have been torn down with its env; cheap
-        return True
-    _install_flash_attn_standins()
-    _patch_torch_cuda()
-    _patch_deepspeed()
-    _patch_param_dtype()
-    ensure_dist_env()
-    _patch_setup_distributed()
-    _APPLIED = True
-    return True
+    cpu = not torch.cuda.is_available()
+    if not _APPLIED:
+        _install_flash_attn_standins()  # a real flash_attn that imports is left alone
+        _patch_ds_optimizer()
+        _patch_param_dtype()
+        _patch_setup_distributed()
+        if cpu:
+            _patch_torch_cuda()
+            _patch_shm_op()
+        _APPLIED = True
+    ensure_dist_env()  # a previous run may have been torn down with its env; cheap
+    return cpu

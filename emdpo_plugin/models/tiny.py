@@ -121,7 +121,7 @@ def _mean_nll(model, tokenizer, texts: Sequence[str], max_len: int, batch_size: 
         for i in range(0, len(texts), batch_size):
             chunk = [t + " " + tokenizer.eos_token for t in texts[i:i + batch_size]]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_len,
-                            add_special_tokens=False)
+                            add_special_tokens=False).to(next(model.parameters()).device)
             logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float()
             logp = torch.log_softmax(logits[:, :-1], dim=-1)
             target = enc["input_ids"][:, 1:]
@@ -294,6 +294,7 @@ def _sft_through_openrlhf(init_dir: Path, save_dir: Path, texts: list[str], *, m
         "ckpt.output_dir": str(save_dir),
         "ckpt.path": str(save_dir.parent / "ckpt"),
         "logger.logging_steps": 1,
+        "ds.attn_implementation": "sdpa",  # a small model needs no flash-attn (nor does the GPU check)
     })
     strategy = get_strategy(args)
     strategy.setup_distributed()
@@ -308,7 +309,10 @@ def _sft_through_openrlhf(init_dir: Path, save_dir: Path, texts: list[str], *, m
     )
     tokenizer = get_tokenizer(args.model.model_name_or_path, model.model, "right", strategy)
 
-    loss_before = _mean_nll(model.model, tokenizer, texts, max_len)
+    if torch.cuda.is_available():
+        model.model.to(torch.cuda.current_device())
+    probe = list(texts)[:512]  # the loss before/after on a fixed subset: enough to show SFT worked
+    loss_before = _mean_nll(model.model, tokenizer, probe, max_len)
 
     eos = tokenizer.eos_token
     train_data = datasets.Dataset.from_dict({"text": [t + " " + eos for t in items]})
@@ -348,7 +352,7 @@ def _sft_through_openrlhf(init_dir: Path, save_dir: Path, texts: list[str], *, m
 
     raw = strategy._unwrap_model(model)
     raw.config.use_cache = True  # Actor turns the KV cache off for training; generation wants it
-    loss_after = _mean_nll(raw, tokenizer, texts, max_len)
+    loss_after = _mean_nll(raw, tokenizer, probe, max_len)
     strategy.save_model(model, tokenizer, str(save_dir))
 
     result = {

@@ -16,7 +16,7 @@ from typing import Any, Callable
 from rich.console import Console
 from rich.markup import escape
 
-from .. import registry
+from .. import dist, registry
 from ..errors import EmdpoError, RecipeError
 from ..executors import make_executor
 from ..trainers.base import StageContext
@@ -66,9 +66,28 @@ def run_plan(
     """Run every stage of `plan` under `output_dir`; returns the final run.json contents.
 
     A failing stage is recorded as failed (with its error) and the exception propagates.
+    Under a launcher (torchrun, deepspeed) rank 0 runs the stages and the other ranks serve its
+    backend calls (`emdpo_plugin.dist`); they return an empty dict.
     """
-    console = console or Console(highlight=False)
     run_dir = Path(output_dir)
+    dist.init_distributed()
+    if not dist.is_driver():
+        dist.worker_loop(lambda: backend_factory(plan.recipe, run_dir))
+        return {}
+    if dist.launched() and plan.executor.kind != "local":
+        dist.stop_workers("executor.kind: ray runs its own workers; do not start it under a launcher")
+        raise RecipeError("executor.kind: ray starts its own workers; run it without torchrun/deepspeed")
+    error = None
+    try:
+        return _drive(plan, run_dir, resume, backend_factory, console or Console(highlight=False))
+    except BaseException as exc:
+        error = _error_text(exc)
+        raise
+    finally:
+        dist.stop_workers(error)
+
+
+def _drive(plan: Plan, run_dir: Path, resume: bool, backend_factory: BackendFactory, console: Console) -> dict[str, Any]:
     previous = RunState.load(run_dir)
     if previous is not None and not resume and previous.done_stages():
         raise EmdpoError(
@@ -95,11 +114,13 @@ def run_plan(
 
     backend_cache: dict[str, Any] = {}
     state.data["executor"] = plan.executor.model_dump(mode="json")
+    state.data["world_size"] = dist.world_size()
     state.save()
+    build_backend = dist.driver_backend_factory(lambda: backend_factory(plan.recipe, run_dir))
 
     def shared_backend() -> Any:  # one backend per run, built on first use only
         if "backend" not in backend_cache:
-            backend_cache["backend"] = backend_factory(plan.recipe, run_dir)
+            backend_cache["backend"] = build_backend()
         return backend_cache["backend"]
 
     def shared_executor() -> Any:  # one executor per run (a Ray executor keeps its actors)

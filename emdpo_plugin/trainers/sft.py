@@ -8,10 +8,12 @@ resolves to it.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 
+from .. import dist
 from .base import StageConfig, StageContext, Trainer
 from .common import dataset_from, rel_path
 
@@ -53,7 +55,37 @@ class SFTStage(Trainer):
         rng = np.random.default_rng(seed)
         if len(texts) > config.max_texts:
             texts = [texts[i] for i in sorted(rng.choice(len(texts), config.max_texts, replace=False))]
-        path = build_tiny_lm(texts, ctx.out_dir / "model", vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-                             layers=config.layers, heads=config.heads, max_position=config.max_position,
-                             sft_steps=config.sft_steps, batch_size=config.batch_size, lr=config.lr, seed=seed)
+        kwargs = dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size, layers=config.layers,
+                      heads=config.heads, max_position=config.max_position, sft_steps=config.sft_steps,
+                      batch_size=config.batch_size, lr=config.lr, seed=seed)
+        if dist.launched():  # the other ranks serve backend calls only: build in one fresh process
+            path = _build_in_child(texts, ctx.out_dir / "model", kwargs)
+        else:
+            path = build_tiny_lm(texts, ctx.out_dir / "model", **kwargs)
         return {"model": rel_path(ctx, path), "built": True, "texts": len(texts)}
+
+
+def _build_in_child(texts: list[str], out_dir: Path, kwargs: dict[str, Any]) -> Path:
+    """Run `build_tiny_lm` in a single-process child: its SFT must not join the launcher's group."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from ..errors import EmdpoError
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                        "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump({"texts": texts, "out_dir": str(out_dir), "kwargs": kwargs}, fh)
+    code = ("import json, sys; from pathlib import Path; from emdpo_plugin.models.tiny import build_tiny_lm; "
+            "a = json.load(open(sys.argv[1])); build_tiny_lm(a['texts'], Path(a['out_dir']), **a['kwargs'])")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, fh.name], env=env)
+    finally:
+        os.unlink(fh.name)
+    if proc.returncode != 0:
+        raise EmdpoError(f"building the tiny model in {out_dir} failed (exit {proc.returncode}); see the output above")
+    return out_dir
