@@ -346,7 +346,9 @@ class OpenRLHFBackend:
         stats = trainer.fit(self.args, desc=desc or "M-step")
         self.actor.model = self.module
         policy.state = self._snapshot()
-        return {**stats, "rows": int(len(keep)), "seconds": time.perf_counter() - t}
+        n_tokens = epochs * sum(r.input_ids.shape[1] for row in tokens for r in row)  # real (unpadded) tokens
+        return {**stats, "rows": int(len(keep)), "epochs": epochs, "tokens": int(n_tokens),
+                "seconds": time.perf_counter() - t}
 
     @torch.no_grad()
     def sample(self, policy: LMPolicy, prompts: list[str], n: int, seed: int) -> list[list[str]]:

@@ -124,7 +124,7 @@ class RunState:
 
     def mark_done(self, name: str, outputs: dict[str, Any], seconds: float) -> None:
         self.stages[name].update(status="done", ended=now(), seconds=round(seconds, 3), outputs=outputs, error=None,
-                                 peak_rss_mib=peak_rss_mib())
+                                 peak_rss_mib=peak_rss_mib(), **peak_gpu_mib())
         self.save()
 
     def mark_failed(self, name: str, error: str, seconds: float) -> None:
@@ -137,6 +137,16 @@ def peak_rss_mib() -> float:
     import resource
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def peak_gpu_mib() -> dict[str, float]:
+    """`{"peak_gpu_mib": ...}`: this process's peak CUDA allocation so far, when it used a GPU."""
+    import sys
+
+    torch = sys.modules.get("torch")  # never import torch just to ask
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    return {"peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
 
 
 def _blank(trainer: str, digest: str) -> dict[str, Any]:
