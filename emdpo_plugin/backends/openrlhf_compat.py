@@ -275,7 +275,9 @@ def _patch_torch_cuda() -> None:
 # 3. DeepSpeed
 # ---------------------------------------------------------------------------------------------
 
-TORCH_ADAM: bool | None = None  # set by the backend from model.ds.torch_adam; None: only on CPU
+# model.ds.torch_adam (set by the backend), else EMDPO_TORCH_ADAM=1/0 (covers the tiny-model SFT,
+# which runs before any backend exists), else: only on CPU
+TORCH_ADAM: bool | None = {"1": True, "0": False}.get(os.environ.get("EMDPO_TORCH_ADAM", ""))
 
 
 def cpu_optimizer_overrides() -> dict[str, Any]:
