@@ -344,8 +344,13 @@ class OpenRLHFBackend:
                                      mean_weight=float(w.mean()), max_epochs=epochs, max_norm=tr.max_norm,
                                      nll_loss_coef=self.cfg.nll_loss_coef)
         stats = trainer.fit(self.args, desc=desc or "M-step")
+        engine = actor.model
         self.actor.model = self.module
         policy.state = self._snapshot()
+        # the engine's ZeRO/bf16 optimizer hooks every parameter's gradient: a later engine on the same
+        # module would run these stale hooks too (seen on GPU with ZeRO-2), and its state would leak
+        engine.destroy()
+        del trainer, engine, optim, scheduler
         n_tokens = epochs * sum(r.input_ids.shape[1] for row in tokens for r in row)  # real (unpadded) tokens
         return {**stats, "rows": int(len(keep)), "epochs": epochs, "tokens": int(n_tokens),
                 "seconds": time.perf_counter() - t}
