@@ -243,13 +243,14 @@ def cmd_data_build(args: argparse.Namespace) -> int:
         raise _builder_config_error(args.name, exc) from None
     resolved = dict(built.config)
     resolved.setdefault("seed", seed)
-    manifest = build_manifest(built.train, built.test, builder=args.name, config=resolved,
-                              labels=built.labels, extra=built.extra)
-    out = write_dataset_dir(args.out, built.train, built.test, manifest)
+    manifest = build_manifest(built.train, built.test, builder=args.name, config=resolved, labels=built.labels,
+                              extra=built.extra, val=built.val, disjoint_prompts=built.disjoint_prompts)
+    out = write_dataset_dir(args.out, built.train, built.test, manifest, val=built.val)
     counts = manifest["counts"]
     groups = ", ".join(f"{g} {n}" for g, n in counts["groups"].items()) or "none"
+    val = f", {counts['comparisons']['val']} val" if "val" in counts["comparisons"] else ""
     print(
-        f"wrote {out}: {counts['comparisons']['train']} train and {counts['comparisons']['test']} test comparisons, "
+        f"wrote {out}: {counts['comparisons']['train']} train{val} and {counts['comparisons']['test']} test comparisons, "
         f"{counts['annotators']} annotators (groups: {groups}) in {time.perf_counter() - start:.1f}s"
     )
     return 0
