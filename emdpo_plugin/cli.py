@@ -34,11 +34,17 @@ def add_run(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--resume", action="store_true", help="skip stages already done with the same config")
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan; run nothing")
+    p.add_argument("--seeds", metavar="S1,S2,...", default=None,
+                   help="run once per seed into DIR/seed-<s>/ and summarise with intervals in DIR/summary/")
     p.set_defaults(func=cmd_run)
     return p
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if getattr(args, "seeds", None) is not None:
+        from .recipe.seeds import cmd_run_seeds
+
+        return cmd_run_seeds(args)
     from .recipe.loader import load_recipe
     from .recipe.schema import validate_recipe
 
