@@ -52,3 +52,20 @@ def test_validation_helper_refuses_test_and_needs_a_run(tmp_path):
         evaluate_run(tmp_path, split="test")
     with pytest.raises(EmdpoError, match="run.json: no such file"):
         evaluate_run(tmp_path)
+
+
+def test_only_the_report_stage_reads_the_test_split():
+    """Hyperparameters and training never see test: no trainer but `report` (and the `data` stage,
+    which writes the folder) touches a dataset's `.test`."""
+    import re
+    from pathlib import Path
+
+    import emdpo_plugin.trainers as trainers
+
+    readers = []
+    for path in sorted(Path(trainers.__file__).parent.glob("*.py")):
+        if path.name in ("report.py", "data_stage.py"):
+            continue
+        if re.search(r"\.test\b", path.read_text(encoding="utf-8")):
+            readers.append(path.name)
+    assert readers == []
