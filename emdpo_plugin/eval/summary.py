@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -223,22 +224,10 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def _nanreduce(x: np.ndarray, how: str, axis: int) -> np.ndarray:
-    with np.errstate(all="ignore"), _quiet():
-        return (np.nanmin if how == "min" else np.nanmax if how == "max" else np.nanmean)(x, axis=axis)
-
-
-class _quiet:
-    """np.nan* warn on all-NaN slices, which here just mean 'no value' (NaN stays NaN)."""
-
-    def __enter__(self) -> None:
-        import warnings
-
-        self._w = warnings.catch_warnings()
-        self._w.__enter__()
+    """nanmin/nanmax/nanmean; an all-NaN slice means 'no value' and stays NaN without a warning."""
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._w.__exit__(*exc)
+        return (np.nanmin if how == "min" else np.nanmax if how == "max" else np.nanmean)(x, axis=axis)
 
 
 def summarize_policy(per_seed: list[PolicySeed | None], groups: list[str], *, n_boot: int = 2000,

@@ -6,6 +6,8 @@ and the report all follow the seed, and `--resume` continues each seed's run exa
 continues a single run. When every seed has finished, `eval/summary.py` writes `D/summary/`
 (metrics.json with {mean, ci95, per_seed} per policy, group and metric; report.md; figures).
 Seeds run one after another in this process: the stages already use the machine's cores.
+A recipe that pins a seed of its own (`data.seed`, a builder's `config.seed`) keeps it: then
+that part stays fixed across seeds, which the summary cannot tell.
 """
 
 from __future__ import annotations
