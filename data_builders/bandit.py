@@ -9,7 +9,9 @@ Choices the paper leaves open, made here:
 - The annotator prefers the arm with the larger noisy reward, noise drawn per response.
 - Groups are drawn i.i.d. per annotator (so counts vary around 120/60/20 for 200 annotators).
 - The test split labels every test context by every group (one row per group), for
-  per-group accuracy and margin.
+  per-group accuracy and margin. The val split (`val_contexts`, default `test_contexts`) is
+  built the same way from fresh contexts drawn after the test ones, so train and test are the
+  same as without it; hyperparameters are chosen on val, test is read only by the report.
 Prompts carry the context as a JSON list, responses are `arm0`, `arm1`, ...
 
 Options beyond the paper's section 5.1 (defaults reproduce it exactly):
@@ -45,6 +47,7 @@ class BanditConfig(StrictModel):
     pairs_per_annotator: int = 10
     noise_std: float = 0.01
     test_contexts: int = 500
+    val_contexts: int | None = Field(None, ge=0, description="validation contexts (default: test_contexts; 0: no val)")
     responses_per_comparison: int = Field(2, ge=2, description="arms shown and ranked per comparison")
     group_rankings: list[list[int]] | None = Field(
         None, description="per group, arms best first (default: group i prefers arm i, others tie at 0)")
@@ -52,7 +55,7 @@ class BanditConfig(StrictModel):
 
 # Options added after the paper's setup: left out of the recorded config while at their default,
 # so manifests of existing configs stay byte-identical.
-_OPTIONAL_DEFAULTS = {"responses_per_comparison": 2, "group_rankings": None}
+_OPTIONAL_DEFAULTS = {"responses_per_comparison": 2, "group_rankings": None, "val_contexts": None}
 
 
 def recorded_config(cfg: BanditConfig) -> dict[str, Any]:
@@ -144,14 +147,22 @@ def build(config: dict[str, Any], *, seed: int) -> BuiltDataset:
                 annotator_id=f"a{a:04d}", prompt=encode_context(x),
                 responses=[arm_name(i) for i in pair], ranking=label(g, x, pair),
                 comparison_id=f"train-{a:04d}-{j:03d}", group=group_name(g), split="train"))
-    test: list[Comparison] = []
-    for t in range(cfg.test_contexts):
-        x = rng.uniform(0.0, 1.0, size=cfg.dim)
-        pair = rng.choice(cfg.arms, size=n, replace=False)
-        for g in range(len(probs)):
-            test.append(Comparison(
-                annotator_id=f"test-{group_name(g)}", prompt=encode_context(x),
-                responses=[arm_name(i) for i in pair], ranking=label(g, x, pair),
-                comparison_id=f"test-{t:04d}-{group_name(g)}", group=group_name(g), split="test"))
-    return BuiltDataset(train=train, test=test, config=recorded_config(cfg),
-                        extra={"environment": "bandit", "synthetic": True})
+    def labelled_by_every_group(split: str, contexts: int) -> list[Comparison]:
+        rows: list[Comparison] = []
+        for t in range(contexts):
+            x = rng.uniform(0.0, 1.0, size=cfg.dim)
+            pair = rng.choice(cfg.arms, size=n, replace=False)
+            for g in range(len(probs)):
+                rows.append(Comparison(
+                    annotator_id=f"{split}-{group_name(g)}", prompt=encode_context(x),
+                    responses=[arm_name(i) for i in pair], ranking=label(g, x, pair),
+                    comparison_id=f"{split}-{t:04d}-{group_name(g)}", group=group_name(g), split=split))
+        return rows
+
+    test = labelled_by_every_group("test", cfg.test_contexts)
+    val_contexts = cfg.test_contexts if cfg.val_contexts is None else cfg.val_contexts
+    val = labelled_by_every_group("val", val_contexts) if val_contexts else None
+    # contexts are continuous draws: splits share no prompt (with probability 1, and checked on load)
+    return BuiltDataset(train=train, test=test, val=val, config=recorded_config(cfg),
+                        extra={"environment": "bandit", "synthetic": True},
+                        disjoint_prompts=("train", "val", "test"))

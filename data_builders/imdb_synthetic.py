@@ -16,13 +16,17 @@ A pool of items (a review prompt plus `responses_per_prompt` completions) comes 
   from templates and word lists with controlled sentiment and seeded grammar errors (it is
   synthetic text, and the manifest says so under `source.synthetic`).
 
-Then (paper F.1): `test_size` items with distinct prompts are held out; each of `users`
+Then (paper F.1): `test_size` items with distinct prompts are held out for the test split and
+`val_size` more (default: as many as test) for the validation split; each of `users`
 annotators gets a group (exact counts from the `groups` fractions, e.g. 800 sentiment / 400
 grammar), and `pairs_per_user` distinct items drawn uniformly from the training pool. The
 `sentiment` group prefers the more positive completion (`sentiment.engine`, default VADER);
 the `grammar` group the one with fewer grammar errors per character (`grammar.engine`,
 default Harper). Every annotator of a group labels an item the same way (labels are a function
-of the item). Every test prompt is labelled once by each group (annotator `test-<group>`).
+of the item). Every test prompt is labelled once by each group (annotator `test-<group>`), and
+so is every val prompt (`val-<group>`). Train, val and test share no prompt (the manifest's
+`disjoint_prompts` records this and loading checks it). Hyperparameters are chosen on val; the
+test split is read only by the final report stage.
 With `responses_per_prompt` >= 3 rows are full rankings, best first.
 
 Choices made here (the paper leaves them open):
@@ -92,7 +96,7 @@ class SourceConfig(StrictModel):
     prompt_tokens: int = Field(20, ge=1)
     limit: int | None = Field(None, ge=1)  # read at most this many rows
     # generated
-    pool_size: int = Field(4000, ge=1)  # training prompts; test_size more are made for the test split
+    pool_size: int = Field(4000, ge=1)  # training prompts; test_size + val_size more are made for test and val
     error_probs: list[float] = Field(default_factory=lambda: [0.35, 0.3, 0.2, 0.15])  # P(k injected errors)
     sentiment_levels: list[int] = Field(default_factory=lambda: [-2, -1, 0, 1, 2])
     # sentences per completion, drawn uniformly from this list; two keep the offline build
@@ -181,6 +185,7 @@ class ImdbConfig(StrictModel):
     pairs_per_user: int = Field(50, ge=1)
     groups: dict[str, float] = Field(default_factory=lambda: {"sentiment": 2 / 3, "grammar": 1 / 3})
     test_size: int = Field(256, ge=0)
+    val_size: int | None = Field(None, ge=0)  # validation prompts; None = test_size, 0 = no val split
     responses_per_prompt: int = Field(2, ge=2)
     tie_break: Literal["other_then_coin", "coin"] = "other_then_coin"
     grammar: GrammarConfig = Field(default_factory=GrammarConfig)
@@ -664,7 +669,7 @@ class ReviewCorpus:
 def _generated_items(cfg: ImdbConfig, seed: int) -> tuple[list[Item], dict[str, Any]]:
     src = cfg.source
     corpus = ReviewCorpus(seed, error_probs=src.error_probs, levels=src.sentiment_levels, sentences=src.sentences)
-    n = src.pool_size + cfg.test_size
+    n = src.pool_size + cfg.test_size + _val_size(cfg)
     items = [corpus.item(cfg.responses_per_prompt) for _ in range(n)]
     injected = [k for it in items for k in it.meta["injected_errors"]]
     info = {
@@ -681,6 +686,10 @@ def _generated_items(cfg: ImdbConfig, seed: int) -> tuple[list[Item], dict[str, 
         "dropped": {},
     }
     return items, info
+
+
+def _val_size(cfg: ImdbConfig) -> int:
+    return cfg.test_size if cfg.val_size is None else cfg.val_size
 
 
 # --------------------------------------------------------------------------- labels and ties
@@ -754,24 +763,27 @@ def build(config: dict[str, Any], *, seed: int = 0) -> BuiltDataset:
         items, source_info = _file_items(cfg, seed, progress)
     timings["source"] = time.perf_counter() - t0
 
-    # test: test_size items with distinct prompts; the train pool excludes those prompts
+    # test, then val: items with distinct prompts; the train pool excludes all those prompts
+    val_size = _val_size(cfg)
     rng = np.random.default_rng(s_split)
     perm = rng.permutation(len(items))
     test_idx: list[int] = []
-    test_prompts: set[str] = set()
+    val_idx: list[int] = []
+    held_prompts: set[str] = set()
     for i in perm:
-        if len(test_idx) == cfg.test_size:
+        if len(test_idx) == cfg.test_size and len(val_idx) == val_size:
             break
-        if items[i].prompt not in test_prompts:
-            test_prompts.add(items[i].prompt)
-            test_idx.append(int(i))
-    if len(test_idx) < cfg.test_size:
-        raise EmdpoError(f"test_size={cfg.test_size} but the source has only {len(test_idx)} distinct prompts")
-    pool_idx = [int(i) for i in np.sort(perm) if items[i].prompt not in test_prompts]
+        if items[i].prompt not in held_prompts:
+            held_prompts.add(items[i].prompt)
+            (test_idx if len(test_idx) < cfg.test_size else val_idx).append(int(i))
+    if len(test_idx) + len(val_idx) < cfg.test_size + val_size:
+        raise EmdpoError(f"test_size={cfg.test_size} + val_size={val_size} distinct prompts are held out, but the "
+                         f"source has only {len(held_prompts)} distinct prompts")
+    pool_idx = [int(i) for i in np.sort(perm) if items[i].prompt not in held_prompts]
     if len(pool_idx) < cfg.pairs_per_user:
         raise EmdpoError(
             f"pairs_per_user={cfg.pairs_per_user} distinct items per user, but the training pool holds only "
-            f"{len(pool_idx)} items after {len(test_idx)} test prompts are held out"
+            f"{len(pool_idx)} items after {len(test_idx)} test and {len(val_idx)} val prompts are held out"
         )
 
     counts = group_counts(cfg.users, cfg.groups)
@@ -782,7 +794,7 @@ def build(config: dict[str, Any], *, seed: int = 0) -> BuiltDataset:
     pool_arr = np.asarray(pool_idx)
     draws = [pool_arr[urng.choice(len(pool_arr), size=cfg.pairs_per_user, replace=False)] for _ in range(cfg.users)]
 
-    used = sorted(set(np.concatenate(draws).tolist()) | set(test_idx))
+    used = sorted(set(np.concatenate(draws).tolist()) | set(test_idx) | set(val_idx))
     # shuffle each used item's responses once (index 0 is not the source's "chosen")
     orng = np.random.default_rng(s_order)
     for i in used:
@@ -827,19 +839,26 @@ def build(config: dict[str, Any], *, seed: int = 0) -> BuiltDataset:
             train.append(Comparison(
                 annotator_id=uid, prompt=prompts[k], responses=list(responses[k]), ranking=rankings[g][k],
                 comparison_id=f"train-{uid}-{j:03d}", group=g, split="train"))
-    test: list[Comparison] = []
-    test_groups = [g for g in GROUPS if g in counts]
-    for t, i in enumerate(test_idx):
-        k = pos[i]
-        for g in test_groups:
-            test.append(Comparison(
-                annotator_id=f"test-{g}", prompt=prompts[k], responses=list(responses[k]), ranking=rankings[g][k],
-                comparison_id=f"test-{t:04d}-{g}", group=g, split="test"))
+    eval_groups = [g for g in GROUPS if g in counts]
+
+    def labelled_by_every_group(split: str, idx: list[int]) -> list[Comparison]:
+        rows: list[Comparison] = []
+        for t, i in enumerate(idx):
+            k = pos[i]
+            for g in eval_groups:
+                rows.append(Comparison(
+                    annotator_id=f"{split}-{g}", prompt=prompts[k], responses=list(responses[k]),
+                    ranking=rankings[g][k], comparison_id=f"{split}-{t:04d}-{g}", group=g, split=split))
+        return rows
+
+    test = labelled_by_every_group("test", test_idx)
+    val = labelled_by_every_group("val", val_idx) if val_size else None
     timings["rows"] = time.perf_counter() - t0
 
     test_pos = [pos[i] for i in test_idx]
-    test_set = set(test_idx)
-    train_pos = [pos[i] for i in used if i not in test_set]
+    val_pos = [pos[i] for i in val_idx]
+    held_set = set(test_idx) | set(val_idx)
+    train_pos = [pos[i] for i in used if i not in held_set]
 
     def tie_summary(positions: list[int]) -> dict[str, dict[str, int]]:
         out = {}
@@ -857,8 +876,10 @@ def build(config: dict[str, Any], *, seed: int = 0) -> BuiltDataset:
         top1 = np.mean([rankings["sentiment"][k][0] != rankings["grammar"][k][0] for k in positions])
         return {"full_ranking": float(full), "top1": float(top1)}
 
-    source_info.update({"pool_items": len(pool_idx), "test_items": len(test_idx), "used_items": len(used)})
+    source_info.update({"pool_items": len(pool_idx), "test_items": len(test_idx), "val_items": len(val_idx),
+                        "used_items": len(used)})
     resolved = cfg.model_dump(mode="json")
+    resolved["val_size"] = val_size
     resolved["seed"] = seed
     labels = {kind: labellers[kind].info() for kind in ("grammar", "sentiment")}
     for kind in labels:
@@ -870,10 +891,13 @@ def build(config: dict[str, Any], *, seed: int = 0) -> BuiltDataset:
             "rule": TIE_RULES[cfg.tie_break],
             "train_items": tie_summary(train_pos),
             "test_items": tie_summary(test_pos),
+            "val_items": tie_summary(val_pos),
             "train_rows": tie_rows,
         },
-        "disagreement": {"test": disagreement(test_pos), "train_items": disagreement(train_pos)},
+        "disagreement": {"test": disagreement(test_pos), "val": disagreement(val_pos),
+                         "train_items": disagreement(train_pos)},
         "label_stats": {kind: _score_stats(scores[kind]) for kind in scores},
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
-    return BuiltDataset(train=train, test=test, config=resolved, labels=labels, extra=extra)
+    return BuiltDataset(train=train, test=test, val=val, config=resolved, labels=labels, extra=extra,
+                        disjoint_prompts=("train", "val", "test"))

@@ -35,11 +35,17 @@ def add_run(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--resume", action="store_true", help="skip stages already done with the same config")
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan; run nothing")
+    p.add_argument("--seeds", metavar="S1,S2,...", default=None,
+                   help="run once per seed into DIR/seed-<s>/ and summarise with intervals in DIR/summary/")
     p.set_defaults(func=cmd_run)
     return p
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if getattr(args, "seeds", None) is not None:
+        from .recipe.seeds import cmd_run_seeds
+
+        return cmd_run_seeds(args)
     from .recipe.loader import load_recipe
     from .recipe.schema import validate_recipe
 
@@ -244,13 +250,14 @@ def cmd_data_build(args: argparse.Namespace) -> int:
         raise _builder_config_error(args.name, exc) from None
     resolved = dict(built.config)
     resolved.setdefault("seed", seed)
-    manifest = build_manifest(built.train, built.test, builder=args.name, config=resolved,
-                              labels=built.labels, extra=built.extra)
-    out = write_dataset_dir(args.out, built.train, built.test, manifest)
+    manifest = build_manifest(built.train, built.test, builder=args.name, config=resolved, labels=built.labels,
+                              extra=built.extra, val=built.val, disjoint_prompts=built.disjoint_prompts)
+    out = write_dataset_dir(args.out, built.train, built.test, manifest, val=built.val)
     counts = manifest["counts"]
     groups = ", ".join(f"{g} {n}" for g, n in counts["groups"].items()) or "none"
+    val = f", {counts['comparisons']['val']} val" if "val" in counts["comparisons"] else ""
     print(
-        f"wrote {out}: {counts['comparisons']['train']} train and {counts['comparisons']['test']} test comparisons, "
+        f"wrote {out}: {counts['comparisons']['train']} train{val} and {counts['comparisons']['test']} test comparisons, "
         f"{counts['annotators']} annotators (groups: {groups}) in {time.perf_counter() - start:.1f}s"
     )
     return 0

@@ -296,3 +296,74 @@ def test_validate_single_file_and_split_mismatch(tmp_path):
     write_jsonl([replace(_rows()[0], split="test")], tmp_path / "ds" / "train.jsonl")
     with pytest.raises(DataError, match=r"train.jsonl: row 1: field 'split': expected 'train' or absent"):
         validate_path(tmp_path / "ds")
+
+
+# ---------------------------------------------------------------- the val split
+
+
+def _eval_rows(split: str, prompts: list[str]) -> list[Comparison]:
+    """Evaluation rows like the builders make: each prompt labelled by every group."""
+    return [Comparison(f"{split}-{g}", p, ["x", "y"], [0, 1] if g == "g1" else [1, 0], f"{split}-{i}-{g}",
+                       group=g, split=split) for i, p in enumerate(prompts) for g in ("g1", "g2")]
+
+
+def test_val_split_round_trip_counts_and_validate(tmp_path):
+    train = _rows()[:3]
+    test, val = _eval_rows("test", ["t1", "t2"]), _eval_rows("val", ["v1", "v2", "v3"])
+    m = build_manifest(train, test, builder="b", config={}, val=val, disjoint_prompts=("val", "test", "train"))
+    assert m["counts"]["comparisons"] == {"train": 3, "test": 4, "val": 6} and m["counts"]["val_annotators"] == 2
+    assert m["disjoint_prompts"] == ["train", "val", "test"]  # canonical order
+    write_dataset_dir(tmp_path / "ds", train, test, m, val=val)
+    d = load_dataset_dir(tmp_path / "ds")
+    assert d.val is not None and d.val.rows == val and d.test.rows == test
+    assert d.val.annotator_ids[: d.train.n_annotators] == d.train.annotator_ids  # shared index space
+    report = validate_path(tmp_path / "ds")
+    assert report.rows_per_file == {"train.jsonl": 3, "val.jsonl": 6, "test.jsonl": 4}
+    text = report.summary()
+    assert "val.jsonl (6 rows)" in text and "val/test prompts disjoint" in text
+    assert "disjoint prompts promised and checked: train, val, test" in text
+
+
+def test_folder_without_val_keeps_its_manifest_and_loads(tmp_path):
+    """Folders written before the val split: same hash, `val` is None, no val counts demanded."""
+    rows = _rows()
+    m = _manifest(rows[:3], rows[3:])
+    assert "val" not in m["counts"]["comparisons"] and "disjoint_prompts" not in m
+    assert m["content_hash"] == build_manifest(rows[:3], rows[3:], builder="x", config={}, val=None)["content_hash"]
+    write_dataset_dir(tmp_path / "ds", rows[:3], rows[3:], m)
+    assert load_dataset_dir(tmp_path / "ds").val is None
+    # a val file the manifest does not describe is caught
+    write_jsonl(_eval_rows("val", ["v"]), tmp_path / "ds" / "val.jsonl")
+    with pytest.raises(DataError, match=r"field 'counts.comparisons.val': required field missing"):
+        load_dataset_dir(tmp_path / "ds")
+
+
+def test_val_rows_must_say_val_and_count_must_match(tmp_path):
+    train, val = _rows()[:3], _eval_rows("val", ["v1"])
+    m = build_manifest(train, None, builder="b", config={}, val=val)
+    write_dataset_dir(tmp_path / "ds", train, None, m, val=val)
+    (tmp_path / "ds" / "val.jsonl").write_text((tmp_path / "ds" / "val.jsonl").read_text().replace('"val"', '"test"', 1))
+    with pytest.raises(DataError, match=r"val.jsonl: row 1: field 'split': expected 'val' or absent"):
+        validate_path(tmp_path / "ds")
+    (tmp_path / "ds" / "val.jsonl").unlink()
+    with pytest.raises(DataError, match=r"field 'counts.comparisons.val': expected 0 \(from the data files\), found 2"):
+        load_dataset_dir(tmp_path / "ds")
+
+
+def test_promised_disjoint_prompts_are_checked(tmp_path):
+    train = _rows()[:3]
+    test, val = _eval_rows("test", ["t1", "shared"]), _eval_rows("val", ["v1", "shared"])
+    promised = build_manifest(train, test, builder="b", config={}, val=val, disjoint_prompts=("val", "test"))
+    write_dataset_dir(tmp_path / "ds", train, test, promised, val=val)
+    for check in (load_dataset_dir, validate_path):
+        with pytest.raises(DataError) as info:
+            check(tmp_path / "ds")
+        assert str(info.value) == (
+            f"{tmp_path / 'ds' / 'val.jsonl'}: row 3: field 'prompt': also the prompt of test.jsonl row 3 "
+            "(1 prompt(s) shared); manifest.json promises val and test share no prompt (disjoint_prompts)"
+        )
+    # without the promise the overlap is reported, not refused
+    write_dataset_dir(tmp_path / "ds2", train, test, build_manifest(train, test, builder="b", config={}, val=val), val=val)
+    assert "val/test prompts overlap (1 shared)" in validate_path(tmp_path / "ds2").summary()
+    with pytest.raises(ValueError, match="unknown split"):
+        build_manifest(train, test, builder="b", config={}, disjoint_prompts=("dev",))

@@ -88,12 +88,13 @@ def test_acceptance_counts_groups_and_test_split(paper_scale: Path) -> None:
 @pytest.mark.slow
 def test_acceptance_manifest_and_validation(paper_scale: Path) -> None:
     report = validate_path(paper_scale)
-    assert report.manifest and report.rows_per_file == {"train.jsonl": 60_000, "test.jsonl": 512}
+    assert report.manifest and report.rows_per_file == {"train.jsonl": 60_000, "val.jsonl": 512, "test.jsonl": 512}
     m = json.loads((paper_scale / "manifest.json").read_text())
     assert m["builder"]["name"] == "imdb_synthetic"
     assert m["builder"]["config"]["source"]["kind"] == "generated" and m["builder"]["config"]["seed"] == 0
     assert m["counts"]["annotators"] == 1200
-    assert m["counts"]["comparisons"] == {"train": 60_000, "test": 512}
+    assert m["counts"]["comparisons"] == {"train": 60_000, "test": 512, "val": 512}
+    assert m["disjoint_prompts"] == ["train", "val", "test"]
     assert m["counts"]["groups"] == {"grammar": 400, "sentiment": 800}
     assert m["labels"]["grammar"]["engine"] == "harper" and m["labels"]["grammar"]["version"]
     assert m["labels"]["sentiment"]["engine"] == "vader" and m["labels"]["sentiment"]["version"]
@@ -101,7 +102,7 @@ def test_acceptance_manifest_and_validation(paper_scale: Path) -> None:
     assert m["disagreement"]["test"]["top1"] >= 0.25
     ties = m["ties"]
     assert "coin" in ties["rule"]
-    for split in ("train_items", "test_items"):
+    for split in ("train_items", "test_items", "val_items"):
         for g in ("sentiment", "grammar"):
             t = ties[split][g]
             assert t["tied_items"] == t["broken_by_other"] + t["broken_by_coin"]
@@ -130,6 +131,25 @@ def test_small_generated_build_is_deterministic_and_well_formed() -> None:
     assert a.config["seed"] == 3 and a.config["source"]["kind"] == "generated"
     assert a.labels["grammar"]["engine"] == "harper" and a.labels["sentiment"]["engine"] == "vader"
     assert set(a.extra) >= {"source", "ties", "disagreement", "synthetic"}
+
+
+def test_val_split_is_labelled_by_every_group_and_held_out() -> None:
+    """val (default size = test_size) is like test: every prompt by every group, no prompt shared."""
+    built = imdb.build(_small(), seed=3)
+    assert built.val is not None and len(built.val) == 16 * 2 and built.config["val_size"] == 16
+    by_prompt = collections.defaultdict(set)
+    for r in built.val:
+        assert r.split == "val" and r.annotator_id == f"val-{r.group}" and r.comparison_id.startswith("val-")
+        by_prompt[r.prompt].add(r.group)
+    assert len(by_prompt) == 16 and all(v == {"sentiment", "grammar"} for v in by_prompt.values())
+    train_p, test_p = {r.prompt for r in built.train}, {r.prompt for r in built.test}
+    assert not set(by_prompt) & test_p and not set(by_prompt) & train_p
+    assert built.disjoint_prompts == ("train", "val", "test")
+    assert built.extra["source"]["val_items"] == 16 and "val_items" in built.extra["ties"]
+    none = imdb.build(_small(val_size=0), seed=3)
+    assert none.val is None and none.config["val_size"] == 0
+    bigger = imdb.build(_small(val_size=5), seed=3)
+    assert len(bigger.val) == 5 * 2
 
 
 def test_config_seed_overrides_the_argument() -> None:
@@ -266,7 +286,9 @@ def test_file_source_with_completion_columns(tmp_path: Path, suffix: str) -> Non
     built = imdb.build(cfg, seed=0)
     assert len(built.train) == 30 and all(len(r.responses) == 3 for r in built.train)
     prompts = set(df["prompt"])
-    assert all(r.prompt in prompts for r in built.train + built.test)
+    assert all(r.prompt in prompts for r in built.train + built.test + built.val)
+    with pytest.raises(EmdpoError, match=r"test_size=5 \+ val_size=46 distinct prompts are held out, but the source has only 50"):
+        imdb.build({**cfg, "val_size": 46}, seed=0)
 
 
 def test_file_source_errors(tmp_path: Path) -> None:
@@ -367,9 +389,9 @@ def test_cli_build_with_config_file_and_overrides(tmp_path: Path, capsys) -> Non
     assert rc == 0, capsys.readouterr().err
     m = json.loads((out / "manifest.json").read_text())
     assert m["builder"]["config"]["users"] == 12 and m["builder"]["config"]["seed"] == 5
-    assert m["counts"]["comparisons"] == {"train": 48, "test": 20}
+    assert m["counts"]["comparisons"] == {"train": 48, "test": 20, "val": 20}  # val_size defaults to test_size
     assert validate_path(out).manifest
-    assert "48 train and 20 test comparisons" in capsys.readouterr().out
+    assert "48 train, 20 val and 20 test comparisons" in capsys.readouterr().out
 
 
 def test_cli_unknown_key_is_one_line_error(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ SUPPORTED_FORMATS = (
     "JSON Lines (.jsonl or .json, one object per line), parquet (.parquet), "
     "or an HF datasets folder written with save_to_disk"
 )
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")  # a dataset folder's files: <split>.jsonl or <split>.parquet
 
 _REQUIRED = ("annotator_id", "prompt")
 _RANKED = ("responses", "ranking")
@@ -382,16 +382,21 @@ def write_hf_dataset(rows: Iterable[Comparison], path: str | Path) -> Path:
 
 @dataclass
 class DatasetDir:
-    """A loaded dataset folder; test shares train's annotator index space."""
+    """A loaded dataset folder; test and val share train's annotator index space.
+
+    `val` is the validation split (hyperparameters are chosen on it); user data may have none.
+    `test` is read only by the final report stage, so no training choice can depend on it.
+    """
 
     train: ComparisonSet
     test: ComparisonSet | None
     manifest: dict
     path: Path
+    val: ComparisonSet | None = None
 
 
 def find_split_file(folder: Path, split: str) -> Path | None:
-    """The one data file for `split` (train/test) in a dataset folder, if any."""
+    """The one data file for `split` (train/val/test) in a dataset folder, if any."""
     found = [folder / f"{split}{suf}" for suf in (".jsonl", *PARQUET_SUFFIXES) if (folder / f"{split}{suf}").is_file()]
     if len(found) > 1:
         raise DataError(f"{folder}: both {found[0].name} and {found[1].name} exist; keep one {split} file")
@@ -399,7 +404,7 @@ def find_split_file(folder: Path, split: str) -> Path | None:
 
 
 def read_split_file(path: Path, split: str) -> list[Comparison]:
-    """Rows of a train/test file; a row's own `split` field, if set, must agree."""
+    """Rows of a train/val/test file; a row's own `split` field, if set, must agree."""
     rows = read_comparisons(path)
     for number, row in enumerate(rows, start=1):
         if row.split is not None and row.split != split:
@@ -410,9 +415,17 @@ def read_split_file(path: Path, split: str) -> list[Comparison]:
     return rows
 
 
+def _extended(train_set: ComparisonSet, rows: list[Comparison]) -> ComparisonSet:
+    """Rows indexed in train's annotator space, unseen (evaluation) annotators appended."""
+    ids = list(train_set.annotator_ids)
+    known = set(ids)
+    ids += [a for a in dict.fromkeys(r.annotator_id for r in rows) if a not in known]
+    return ComparisonSet(rows, ids)
+
+
 def load_dataset_dir(path: str | Path) -> DatasetDir:
-    """Load train (required), test (optional) and manifest.json, checking they agree."""
-    from emdpo_plugin.data.manifest import check_manifest, read_manifest
+    """Load train (required), val and test (optional) and manifest.json, checking they agree."""
+    from emdpo_plugin.data.manifest import check_disjoint_prompts, check_manifest, read_manifest
 
     folder = Path(path)
     _check_exists(folder)
@@ -422,16 +435,21 @@ def load_dataset_dir(path: str | Path) -> DatasetDir:
     if train_file is None:
         raise DataError(f"{folder}: no train.jsonl or train.parquet in dataset folder")
     test_file = find_split_file(folder, "test")
+    val_file = find_split_file(folder, "val")
     train = read_split_file(train_file, "train")
     test = read_split_file(test_file, "test") if test_file is not None else None
+    val = read_split_file(val_file, "val") if val_file is not None else None
     manifest = read_manifest(folder) if (folder / "manifest.json").is_file() else {}
     if manifest:
-        check_manifest(folder / "manifest.json", manifest, train, test)
+        check_manifest(folder / "manifest.json", manifest, train, test, val)
+        files = {"train": (train_file, train), "test": (test_file, test), "val": (val_file, val)}
+        check_disjoint_prompts(folder / "manifest.json", manifest,
+                               {s: (f, rows) for s, (f, rows) in files.items() if f is not None and rows is not None})
     train_set = ComparisonSet(train)
-    test_set = None
-    if test is not None:
-        ids = list(train_set.annotator_ids)
-        known = set(ids)
-        ids += [a for a in dict.fromkeys(r.annotator_id for r in test) if a not in known]
-        test_set = ComparisonSet(test, ids)
-    return DatasetDir(train=train_set, test=test_set, manifest=manifest, path=folder)
+    return DatasetDir(
+        train=train_set,
+        test=_extended(train_set, test) if test is not None else None,
+        manifest=manifest,
+        path=folder,
+        val=_extended(train_set, val) if val is not None else None,
+    )

@@ -10,7 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from emdpo_plugin.data import io
-from emdpo_plugin.data.manifest import MANIFEST_NAME, check_manifest, read_manifest
+from emdpo_plugin.data.manifest import (
+    MANIFEST_NAME,
+    check_disjoint_prompts,
+    check_manifest,
+    read_manifest,
+    shared_prompts,
+)
 from emdpo_plugin.data.schema import Comparison
 from emdpo_plugin.errors import DataError
 
@@ -26,6 +32,9 @@ class ValidationReport:
     pairwise_rows: int = 0
     ranking_rows: int = 0
     manifest: bool = False
+    # "val/test" -> distinct prompts shared by the two evaluation splits (dataset folders with both)
+    shared_prompts: dict[str, int] = field(default_factory=dict)
+    disjoint_promised: list[str] = field(default_factory=list)
 
     @property
     def total_rows(self) -> int:
@@ -40,10 +49,16 @@ class ValidationReport:
             else "no ground-truth groups"
         )
         manifest = "manifest.json matches the data" if self.manifest else "no manifest.json checked"
+        overlap = "".join(
+            f"; {pair} prompts " + ("disjoint" if n == 0 else f"overlap ({n} shared)")
+            for pair, n in self.shared_prompts.items()
+        )
+        promise = f" (disjoint prompts promised and checked: {', '.join(self.disjoint_promised)})" if self.disjoint_promised else ""
         return (
             f"{self.path} is valid format-v1 data: "
             f"{self.total_rows} comparisons in {files}; {self.annotators} annotators; {groups}; "
-            f"{self.pairwise_rows} pairwise and {self.ranking_rows} ranking rows (3+ responses); {manifest}."
+            f"{self.pairwise_rows} pairwise and {self.ranking_rows} ranking rows (3+ responses){overlap}; "
+            f"{manifest}{promise}."
         )
 
 
@@ -84,25 +99,27 @@ def _validate_hf_folder(path: Path) -> ValidationReport:
 
 
 def _validate_dataset_folder(path: Path) -> ValidationReport:
-    """train/test files (each through the row rules) plus manifest.json if present."""
-    train_file = io.find_split_file(path, "train")
-    test_file = io.find_split_file(path, "test")
-    if train_file is None and test_file is None:
+    """train/val/test files (each through the row rules) plus manifest.json if present."""
+    files = {split: io.find_split_file(path, split) for split in io.SPLITS}
+    if all(f is None for f in files.values()):
+        names = "/".join(f"{s}.jsonl/{s}.parquet" for s in io.SPLITS)
         raise DataError(
-            f"{path}: folder holds no train.jsonl/train.parquet/test.jsonl/test.parquet and is not an HF "
-            f"datasets folder; supported: {io.SUPPORTED_FORMATS}"
+            f"{path}: folder holds no {names} and is not an HF datasets folder; supported: {io.SUPPORTED_FORMATS}"
         )
     report = ValidationReport(path=path)
-    train = io.read_split_file(train_file, "train") if train_file is not None else []
-    test = io.read_split_file(test_file, "test") if test_file is not None else None
-    if train_file is not None:
-        _tally(report, train_file.name, train)
-    if test_file is not None and test is not None:
-        _tally(report, test_file.name, test)
+    rows = {split: io.read_split_file(f, split) for split, f in files.items() if f is not None}
+    for split in io.SPLITS:
+        if split in rows:
+            _tally(report, files[split].name, rows[split])  # type: ignore[union-attr]
+    if "val" in rows and "test" in rows:
+        report.shared_prompts["val/test"] = shared_prompts(rows["val"], rows["test"])[0]
     if (path / MANIFEST_NAME).is_file():
-        check_manifest(path / MANIFEST_NAME, read_manifest(path), train, test)
+        manifest = read_manifest(path)
+        check_manifest(path / MANIFEST_NAME, manifest, rows.get("train", []), rows.get("test"), rows.get("val"))
+        check_disjoint_prompts(path / MANIFEST_NAME, manifest, {s: (files[s], r) for s, r in rows.items()})  # type: ignore[misc]
         report.manifest = True
-    return _finish(report, train + (test or []))
+        report.disjoint_promised = [s for s in manifest.get("disjoint_prompts") or [] if s in rows]
+    return _finish(report, [r for split in io.SPLITS for r in rows.get(split, [])])
 
 
 def validate_path(path: str | Path) -> ValidationReport:

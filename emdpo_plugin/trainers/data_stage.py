@@ -36,8 +36,9 @@ class DataStage(Trainer):
             build = registry.get(registry.DATA_BUILDERS, cfg.builder)
             built = build(cfg.config, seed=ctx.seed if cfg.seed is None else cfg.seed)
             manifest = build_manifest(built.train, built.test, builder=cfg.builder, config=built.config,
-                                      labels=built.labels, extra=built.extra)
-            write_dataset_dir(out, built.train, built.test, manifest)
+                                      labels=built.labels, extra=built.extra, val=built.val,
+                                      disjoint_prompts=built.disjoint_prompts)
+            write_dataset_dir(out, built.train, built.test, manifest, val=built.val)
         elif cfg.path:
             src = Path(cfg.path).expanduser()
             if src.is_dir():
@@ -52,4 +53,4 @@ class DataStage(Trainer):
             raise RecipeError(f"stages.{ctx.stage_name}: the recipe names no data (set data.builder or data.path)")
         ds = load_dataset_dir(out)
         return {"dir": rel_path(ctx, out), "manifest": rel_path(ctx, out / "manifest.json"),
-                "train": len(ds.train), "test": len(ds.test) if ds.test else 0}
+                "train": len(ds.train), "test": len(ds.test) if ds.test else 0, "val": len(ds.val) if ds.val else 0}

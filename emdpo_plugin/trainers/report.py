@@ -23,6 +23,7 @@ from ..errors import RecipeError
 from ..eval.evaluate import clustering_report, estimate_regrets, evaluate_mixtures
 from ..eval.plots import grouped_bars, log_likelihood_trace, weight_convergence
 from ..eval.identifiability import identifiability_markdown, identifiability_report
+from ..eval.per_row import PER_ROW_FILE, write_per_row
 from ..eval.report_md import render_report
 from .base import StageConfig, StageContext, Trainer
 from .common import dataset_from, prompts_from, run_path
@@ -110,6 +111,7 @@ class ReportStage(Trainer):
             estimates = estimate_regrets(backend, group_policies, mixtures, prompts, config.samples_per_prompt, ctx.seed)
             regret_fn = lambda name, mix, g: estimates[name].get(g)  # noqa: E731
         metrics["policies"] = evaluate_mixtures(backend, ds.test, mixtures, regret_fn)
+        write_per_row(ctx.out_dir / PER_ROW_FILE, backend, ds.test, mixtures)  # for --seeds intervals (eval/summary.py)
         for name, ens in ensembles.items():
             per_group = {g: m["regret"] for g, m in metrics["policies"][name]["per_group"].items()}
             stage = name.split("/")[0]
