@@ -67,6 +67,10 @@ class GenerationSpec(StrictModel):
     max_new_tokens: int = 48
     temperature: float = 1.0
     top_p: float = 1.0
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description=(
+        "sampler: vllm on GPU: vLLM's share of GPU memory (weights + KV cache), next to the training model"))
+    vllm_offload_training_model: bool = Field(True, description=(
+        "sampler: vllm on GPU: move the training model to CPU while vLLM samples, back after"))
 
 
 class OpenRLHFModelConfig(StrictModel):
@@ -387,9 +391,18 @@ class OpenRLHFBackend:
         from .vllm_sampler import sample_with_vllm
 
         g = self.cfg.generation
-        return sample_with_vllm(self.base_model, dirs, self.adapter_type, prompts, n, seed,
-                                max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
-                                max_model_len=self.cfg.max_len + g.max_new_tokens, log_path=log_path)
+        offload = g.vllm_offload_training_model and self.device.type == "cuda"
+        if offload:
+            self.module.to("cpu")
+            torch.cuda.empty_cache()
+        try:
+            return sample_with_vllm(self.base_model, dirs, self.adapter_type, prompts, n, seed,
+                                    max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
+                                    max_model_len=self.cfg.max_len + g.max_new_tokens, log_path=log_path,
+                                    gpu_memory_utilization=g.vllm_gpu_memory_utilization)
+        finally:
+            if offload:
+                self.module.to(self.device)
 
     def sample_prompts(self, n: int, seed: int) -> list[str]:
         raise EmdpoError("language-model backends draw regret prompts from the data: give the "

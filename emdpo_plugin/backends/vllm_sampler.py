@@ -24,14 +24,17 @@ from ..errors import EmdpoError
 
 def sample_with_vllm(base_model: str, adapters: dict[str, Path], adapter_type: str, prompts: list[str], n: int,
                      seed: int, *, max_new_tokens: int, temperature: float, top_p: float, max_model_len: int,
-                     log_path: Path) -> dict[str, list[list[str]]]:
-    """`{adapter: [n completions per prompt]}`; vLLM's log goes to `log_path`."""
+                     log_path: Path, gpu_memory_utilization: float = 0.3) -> dict[str, list[list[str]]]:
+    """`{adapter: [n completions per prompt]}`; vLLM's log goes to `log_path`.
+
+    `gpu_memory_utilization`: vLLM's share of the GPU (weights + KV cache); its default 0.9 would
+    not fit beside a loaded training model."""
     from ..serve.vllm_server import cpu_env, cpu_only, lora_rank
 
     job = {"base_model": base_model, "adapters": {k: str(v) for k, v in adapters.items()},
            "adapter_type": adapter_type, "prompts": prompts, "n": n, "seed": seed,
            "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
-           "max_model_len": max_model_len, "cpu": cpu_only(),
+           "max_model_len": max_model_len, "cpu": cpu_only(), "gpu_memory_utilization": gpu_memory_utilization,
            "max_lora_rank": max(lora_rank(Path(p)) for p in adapters.values()) if adapter_type == "lora" else 0}
     env = {**os.environ, **(cpu_env() if job["cpu"] else {})}
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,7 +59,7 @@ def _run(job: dict[str, Any]) -> dict[str, list[list[str]]]:
     params = SamplingParams(n=job["n"], temperature=job["temperature"], top_p=job["top_p"],
                             max_tokens=job["max_new_tokens"], seed=job["seed"])
     common = {"seed": job["seed"], "max_model_len": job["max_model_len"], "enforce_eager": job["cpu"],
-              **({"dtype": "float32"} if job["cpu"] else {})}
+              **({"dtype": "float32"} if job["cpu"] else {"gpu_memory_utilization": job["gpu_memory_utilization"]})}
 
     def generate(llm: Any, lora: Any = None) -> list[list[str]]:
         tok = llm.get_tokenizer()
