@@ -186,6 +186,9 @@ def _run_cli(*args, cwd=ROOT):
 
 @pytest.mark.slow
 def test_bandit_recipe_reproduces_the_paper(tmp_path):
+    """recipes/bandit.yaml at Table 1's schedule, once, checked against section 5.1 and the
+    tabular game (weights 1/3, equal regrets): DPO serves the majority; EM-DPO recovers the
+    groups; MinMax-DPO's weights are near uniform and its per-group regrets near equal."""
     out = tmp_path / "bandit"
     proc = _run_cli("run", "recipes/bandit.yaml", "--output-dir", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -196,13 +199,17 @@ def test_bandit_recipe_reproduces_the_paper(tmp_path):
     majority = max(m["dataset"]["groups"], key=m["dataset"]["groups"].get)
     for g, r in dpo.items():  # DPO serves the majority and leaves the minorities behind
         if g != majority:
-            assert r >= 1.3 * dpo[majority], dpo
+            assert r >= 1.5 * dpo[majority], dpo
     ens = m["ensembles"]["minmax"]
     regrets = np.array(list(ens["per_group_regret"].values()))
     assert ens["max_regret"] <= 0.9 * max(dpo.values()), (ens, dpo)
-    assert np.all(np.abs(regrets - regrets.mean()) <= 0.2 * regrets.mean()), regrets
-    assert all(0.2 <= w <= 0.47 for w in ens["weights"]), ens["weights"]
+    assert np.all(np.abs(regrets - regrets.mean()) <= 0.05 * regrets.mean()), regrets
+    assert all(0.28 <= w <= 0.39 for w in ens["weights"]), ens["weights"]
     assert abs(ens["hedge_value"] - ens["lp_value"]) <= 1e-2 * abs(ens["lp_value"])
+    ensemble = json.loads((out / "minmax" / "ensemble.json").read_text())
+    assert ensemble["L_method"] == "exact"
+    # the tabular game's regret at uniform weights is 10.0 per group (benchmarks/bandit_tabular.py)
+    assert regrets.mean() == pytest.approx(10.0, rel=0.05)
     em = m["clustering"]["em"]
     assert em["ari"] >= 0.9
     ll = np.array(em["log_likelihood"])
@@ -269,9 +276,9 @@ def test_killed_run_resumes_from_last_finished_em_iteration(tmp_path):
 
     out = tmp_path / "run"
     args = ["run", "recipes/bandit.yaml", "--output-dir", str(out),
-            "--set", "data.config.annotators=60", "--set", "model.epochs=150", "--set", "model.warm_epochs=150",
+            "--set", "data.config.annotators=60", "--set", "model.epochs=300", "--set", "model.warm_epochs=300",
             "--set", "stages.em.config.iterations=8", "--set", "stages.em.config.restarts=1",
-            "--set", "stages.em.config.tol=0"]
+            "--set", "stages.em.config.warm_start=true"]  # warm fits keep moving: no early fixed point
     proc = subprocess.Popen([OPENRLHF, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     state_file = out / "em" / "restarts" / "r0" / "state.json"
     deadline = time.time() + 300
