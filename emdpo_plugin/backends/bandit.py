@@ -9,6 +9,7 @@ then keeps the log-likelihood monotone).
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
 from typing import Any, Callable
 
@@ -56,6 +57,7 @@ class BanditBackend:
         self.beta = self.cfg.beta
         self.label_smoothing = self.cfg.label_smoothing
         self.seed = seed
+        self._encoding: tuple[weakref.ref, tuple[torch.Tensor, ...]] | None = None
         torch.set_num_threads(1)  # tiny MLP: threads cost more than they give
 
     # --- encoding -------------------------------------------------------------------------
@@ -70,6 +72,20 @@ class BanditBackend:
             idx[i, : len(row)] = torch.tensor([int(a.removeprefix("arm")) for a in row])
             mask[i, : len(row)] = True
         return idx, mask
+
+    def _encoded(self, data: ComparisonSet) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Contexts, arm indices, response mask and rankings of a comparison set, parsed once.
+
+        EM fits every type on the same set every iteration; re-parsing 2,000 JSON prompts per fit
+        would be a per-row Python loop inside the M-step. Holds the last set only (weakly).
+        """
+        cached = self._encoding
+        if cached is not None and cached[0]() is data:
+            return cached[1]
+        idx, mask = self._arms(data.responses)
+        enc = (self._contexts(data.prompts), idx, mask, torch.as_tensor(data.rankings))
+        self._encoding = (weakref.ref(data), enc)
+        return enc
 
     def _logprobs(self, policy: nn.Module, ctx: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(policy(ctx).double(), dim=-1).gather(1, idx)
@@ -99,9 +115,7 @@ class BanditBackend:
     def fit(self, policy: nn.Module, data: ComparisonSet, weights: np.ndarray, *, warm: bool = True,
             desc: str = "") -> dict[str, Any]:
         keep = np.asarray(weights) > 0
-        ctx = self._contexts([p for p, k in zip(data.prompts, keep) if k])
-        idx, mask = self._arms([r for r, k in zip(data.responses, keep) if k])
-        rankings = torch.as_tensor(data.rankings[keep])
+        ctx, idx, mask, rankings = (t[torch.as_tensor(keep)] for t in self._encoded(data))
         w = torch.as_tensor(np.asarray(weights)[keep], dtype=torch.float32)
         loss_fn = self._loss_fn(policy, ctx, idx, mask, rankings, w)
 
@@ -118,14 +132,16 @@ class BanditBackend:
             if value < best_loss:
                 best_loss = value
                 with torch.no_grad():
-                    torch._foreach_copy_(best, params)
+                    for b, p in zip(best, params):
+                        b.copy_(p)
             if step == steps:
                 break
             opt.zero_grad()
             loss.backward()
             opt.step()
         with torch.no_grad():
-            torch._foreach_copy_(params, best)
+            for p, b in zip(params, best):
+                p.copy_(b)
         return {"loss": best_loss, "rows": int(keep.sum()), "steps": steps}
 
     def _loss_fn(self, policy: nn.Sequential, ctx: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor,
