@@ -97,7 +97,12 @@ def test_tabular_game_is_uniform_with_equal_regrets():
     paper's regularised optimum, and conservative DPO's population optimum at eps = 0.01) the
     game's weights are 1/3 each and the three groups' true regrets are equal, with Hedge at the
     recipe's eta and steps agreeing with the LP."""
-    from benchmarks.bandit_tabular import play, spread, tabular_logprobs
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bandit_tabular", ROOT / "benchmarks" / "bandit_tabular.py")
+    tab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tab)  # a script, not part of the package
+    play, spread, tabular_logprobs = tab.play, tab.spread, tab.tabular_logprobs
 
     env = BanditEnvironment(BanditConfig())
     x = np.random.default_rng(0).uniform(size=(20_000, 3))
