@@ -10,8 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from data_builders.bandit import BanditConfig, BanditEnvironment, build
+from emdpo_plugin.algorithms.likelihood import comparison_loglik
 from emdpo_plugin.algorithms.metrics import clustering_scores
 from emdpo_plugin.backends.bandit import BanditBackend
 from emdpo_plugin.data.schema import ComparisonSet
@@ -46,6 +48,75 @@ def test_regularised_optimum_has_zero_regret_and_uniform_has_positive():
     assert env.regret(1, x, env.optimal_probs(1, x, beta=1.0), beta=1.0) == pytest.approx(0.0, abs=1e-12)
     uniform = np.full((1000, 3), 1 / 3)
     assert env.regret(1, x, uniform, beta=1.0) == pytest.approx(10 * x.sum(1).mean() * (1 - 1 / 3), rel=0.01)
+
+
+def _policy_away_from_reference(backend, seed):
+    policy = backend.new_policy(seed)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p))
+    return policy
+
+
+@pytest.mark.parametrize("responses, eps", [(2, 0.0), (2, 0.01), (3, 0.01)])
+def test_fit_loss_is_the_e_step_likelihood(responses, eps):
+    """The M-step's fast loss (logit margins, feature-major) is the same weighted likelihood the
+    E-step scores with `comparison_loglik`; otherwise EM's monotonicity guard would compare two
+    objectives. A fit of 0 steps returns the loss of the policy as it is."""
+    ds = build({"annotators": 30, "responses_per_comparison": responses}, seed=4)
+    data = ComparisonSet(ds.train)
+    backend = BanditBackend({"warm_epochs": 0, "label_smoothing": eps}, seed=4)
+    policy = _policy_away_from_reference(backend, 3)
+    w = np.random.default_rng(0).uniform(size=len(data)) * (np.arange(len(data)) % 5 > 0)  # some rows weight 0
+    stats = backend.fit(policy, data, w, warm=True)
+    ll = comparison_loglik(backend.score(policy, data.prompts, data.responses), backend.ref_score(data),
+                           data.rankings, data.response_mask, backend.beta, eps)
+    assert stats["loss"] == pytest.approx(-(w @ ll) / w.sum(), rel=1e-5)
+    assert stats["rows"] == int((w > 0).sum())
+
+
+def test_exact_L_is_the_expectation_that_sampling_estimates():
+    from emdpo_plugin.trainers.minmax_ensemble import estimate_L
+
+    backend = BanditBackend({}, seed=0)
+    policies = [_policy_away_from_reference(backend, s) for s in (1, 2, 3)]
+    prompts = backend.sample_prompts(400, seed=5)
+    L = backend.exact_L(policies, prompts)
+    # by hand for one entry: E_x sum_y pi_2(y|x) (log pi_0(y|x) + log 3)
+    x = np.array([json.loads(p) for p in prompts])
+    p0, p2 = backend.probs(policies[0], x), backend.probs(policies[2], x)
+    assert L[0, 2] == pytest.approx(np.mean(np.sum(p2 * (np.log(p0) + np.log(3)), axis=1)), rel=1e-9)
+    assert np.all(np.diag(L) >= 0)  # L[z, z] is KL(pi_z || uniform), averaged over x
+    sampled = estimate_L(backend, policies, prompts, lambda j: backend.sample(policies[j], prompts, 200, seed=j))
+    np.testing.assert_allclose(sampled, L, atol=0.05 * np.abs(L).max())
+
+
+def test_tabular_game_is_uniform_with_equal_regrets():
+    """The ideal answer recipes/bandit.yaml is checked against: on exact per-group policies (the
+    paper's regularised optimum, and conservative DPO's population optimum at eps = 0.01) the
+    game's weights are 1/3 each and the three groups' true regrets are equal, with Hedge at the
+    recipe's eta and steps agreeing with the LP."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bandit_tabular", ROOT / "benchmarks" / "bandit_tabular.py")
+    tab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tab)  # a script, not part of the package
+    play, spread, tabular_logprobs = tab.play, tab.spread, tab.tabular_logprobs
+
+    env = BanditEnvironment(BanditConfig())
+    x = np.random.default_rng(0).uniform(size=(20_000, 3))
+    for kind in ("optimum", "dpo"):
+        res = play(env, x, tabular_logprobs(env, x, kind, beta=1.0, eps=0.01), beta=1.0, eta=0.05, steps=1000)
+        np.testing.assert_allclose(res["lp_weights"], 1 / 3, atol=1e-6)
+        np.testing.assert_allclose(res["hedge_weights"], 1 / 3, atol=1e-3)
+        assert res["hedge_value"] == pytest.approx(res["lp_value"], rel=1e-3)
+        assert spread(res["regret_hedge"]) <= 0.01
+    # conservative DPO's optimum: margin log 99 between the group's arm and the others
+    logp = tabular_logprobs(env, x, "dpo", beta=1.0, eps=0.01)
+    assert np.median(logp[1, :, 1] - logp[1, :, 0]) == pytest.approx(np.log(99), rel=1e-9)
+    with pytest.raises(ValueError, match="infinity"):
+        tabular_logprobs(env, x, "dpo", beta=1.0, eps=0.0)
 
 
 def _small(annotators=60, epochs=150, warm=50):
@@ -120,6 +191,9 @@ def _run_cli(*args, cwd=ROOT):
 
 @pytest.mark.slow
 def test_bandit_recipe_reproduces_the_paper(tmp_path):
+    """recipes/bandit.yaml at Table 1's schedule, once, checked against section 5.1 and the
+    tabular game (weights 1/3, equal regrets): DPO serves the majority; EM-DPO recovers the
+    groups; MinMax-DPO's weights are near uniform and its per-group regrets near equal."""
     out = tmp_path / "bandit"
     proc = _run_cli("run", "recipes/bandit.yaml", "--output-dir", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -130,13 +204,17 @@ def test_bandit_recipe_reproduces_the_paper(tmp_path):
     majority = max(m["dataset"]["groups"], key=m["dataset"]["groups"].get)
     for g, r in dpo.items():  # DPO serves the majority and leaves the minorities behind
         if g != majority:
-            assert r >= 1.3 * dpo[majority], dpo
+            assert r >= 1.5 * dpo[majority], dpo
     ens = m["ensembles"]["minmax"]
     regrets = np.array(list(ens["per_group_regret"].values()))
     assert ens["max_regret"] <= 0.9 * max(dpo.values()), (ens, dpo)
-    assert np.all(np.abs(regrets - regrets.mean()) <= 0.2 * regrets.mean()), regrets
-    assert all(0.2 <= w <= 0.47 for w in ens["weights"]), ens["weights"]
+    assert np.all(np.abs(regrets - regrets.mean()) <= 0.05 * regrets.mean()), regrets
+    assert all(0.28 <= w <= 0.39 for w in ens["weights"]), ens["weights"]
     assert abs(ens["hedge_value"] - ens["lp_value"]) <= 1e-2 * abs(ens["lp_value"])
+    ensemble = json.loads((out / "minmax" / "ensemble.json").read_text())
+    assert ensemble["L_method"] == "exact"
+    # the tabular game's regret at uniform weights is 10.0 per group (benchmarks/bandit_tabular.py)
+    assert regrets.mean() == pytest.approx(10.0, rel=0.05)
     em = m["clustering"]["em"]
     assert em["ari"] >= 0.9
     ll = np.array(em["log_likelihood"])
@@ -203,9 +281,9 @@ def test_killed_run_resumes_from_last_finished_em_iteration(tmp_path):
 
     out = tmp_path / "run"
     args = ["run", "recipes/bandit.yaml", "--output-dir", str(out),
-            "--set", "data.config.annotators=60", "--set", "model.epochs=150", "--set", "model.warm_epochs=150",
+            "--set", "data.config.annotators=60", "--set", "model.epochs=300", "--set", "model.warm_epochs=300",
             "--set", "stages.em.config.iterations=8", "--set", "stages.em.config.restarts=1",
-            "--set", "stages.em.config.tol=0"]
+            "--set", "stages.em.config.warm_start=true"]  # warm fits keep moving: no early fixed point
     proc = subprocess.Popen([OPENRLHF, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     state_file = out / "em" / "restarts" / "r0" / "state.json"
     deadline = time.time() + 300

@@ -51,3 +51,5 @@ class PolicyBackend(Protocol):
 
     # Optional: `regret_oracle(manifest) -> callable(mixture, group) -> float | None` where the
     # environment knows the true rewards (the bandit); otherwise regret is estimated from L.
+    # Optional: `exact_L(policies, prompts) -> (K, K) ndarray`, the min-max stage's L with the
+    # expectation over y taken exactly (a sum over a small response set, e.g. the bandit's arms).

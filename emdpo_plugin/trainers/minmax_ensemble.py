@@ -1,7 +1,8 @@
 """`minmax_ensemble` stage: min-max-regret mixture weights over type policies (paper Algorithm 2).
 
 L[z, z'] = E_{x ~ D, y ~ pi_z'}[s_z(x, y) - s_ref(x, y)] is estimated by sampling from every
-type policy; the (K+1) x K regret game is solved with optimistic Hedge and cross-checked
+type policy, or computed exactly in y where the backend can sum over its responses (the bandit's
+arms: `exact_L(policies, prompts)`); the (K+1) x K regret game is solved with optimistic Hedge and cross-checked
 against the exact LP value. The result is a sequence-level mixture: per request, type k with
 probability w_k.
 """
@@ -34,6 +35,9 @@ class MinMaxConfig(StageConfig):
         "labelled groups (each type takes the priority of the group it is matched to)"))
     prompts: int = Field(512, ge=1, description="prompts x ~ D for estimating L")
     samples_per_prompt: int = Field(1, ge=1)
+    L_method: Literal["auto", "exact", "sampled"] = Field("auto", description=(
+        "how E_{y ~ pi_z'} in L is taken: exact (a sum over responses; backends with `exact_L`, e.g. the "
+        "bandit's arms), sampled (y drawn from each type policy), or auto (exact where the backend offers it)"))
     sampler: Literal["hf", "vllm"] = Field("hf", description=(
         "who samples y ~ pi_k for L: the training stack (HF generate) or vLLM's offline engine with one "
         "LoRARequest per type; scoring always runs on the training stack"))
@@ -53,6 +57,17 @@ def estimate_L(backend: Any, policies: list[Any], prompts: list[str], sample: Sa
         for i, pi in enumerate(policies):
             L[i, j] = float(np.mean(backend.score(pi, prompts, samples) - ref))
     return L
+
+
+def resolve_L_method(ctx: StageContext, config: MinMaxConfig, backend: Any) -> Literal["exact", "sampled"]:
+    """`auto` takes the exact sum over responses whenever the backend offers `exact_L`."""
+    exact = hasattr(backend, "exact_L")
+    if config.L_method == "exact" and not exact:
+        raise RecipeError(f"stages.{ctx.stage_name}.config.L_method: 'exact' needs a backend that can sum over "
+                          f"its responses; {type(backend).__name__} has no exact_L, use 'sampled'")
+    if config.L_method == "auto":
+        return "exact" if exact else "sampled"
+    return config.L_method
 
 
 def save_policies(ctx: StageContext, backend: Any, names: list[str], policies: list[Any]) -> dict[str, Path]:
@@ -127,17 +142,22 @@ class MinMaxEnsembleStage(Trainer):
         lm = hasattr(backend, "base_model")  # language-model backends save adapters and export routing
         dirs = save_policies(ctx, backend, names, policies) if lm else {}
         t = time.perf_counter()
-        if config.sampler == "vllm":
-            if not hasattr(backend, "sample_vllm"):
-                raise EmdpoError(f"stages.{ctx.stage_name}.config.sampler: 'vllm' needs a language-model backend; "
-                                 f"{type(backend).__name__} has no vLLM sampler")
-            by_type = backend.sample_vllm(dirs, prompts, n, seed, log_path=ctx.out_dir / "vllm-sampler.log")
-            samples = list(by_type.values())
-            sample: Sampler = lambda j: samples[j]  # noqa: E731
+        method = resolve_L_method(ctx, config, backend)
+        if method == "exact":
+            L = np.asarray(backend.exact_L(policies, prompts), dtype=np.float64)
         else:
-            sample = lambda j: backend.sample(policies[j], prompts, n, seed + j)  # noqa: E731
-        L = estimate_L(backend, policies, prompts, sample)
-        sampling = {"sampler": config.sampler, "L_seconds": time.perf_counter() - t}
+            if config.sampler == "vllm":
+                if not hasattr(backend, "sample_vllm"):
+                    raise EmdpoError(f"stages.{ctx.stage_name}.config.sampler: 'vllm' needs a language-model "
+                                     f"backend; {type(backend).__name__} has no vLLM sampler")
+                by_type = backend.sample_vllm(dirs, prompts, n, seed, log_path=ctx.out_dir / "vllm-sampler.log")
+                samples = list(by_type.values())
+                sample: Sampler = lambda j: samples[j]  # noqa: E731
+            else:
+                sample = lambda j: backend.sample(policies[j], prompts, n, seed + j)  # noqa: E731
+            L = estimate_L(backend, policies, prompts, sample)
+        sampling = {"L_method": method, "sampler": None if method == "exact" else config.sampler,
+                    "L_seconds": time.perf_counter() - t}
         priority = resolve_priority(ctx, config.priority, inputs, len(policies))
         R = regret_matrix(L, priority)
         hedge = optimistic_hedge(R, eta=config.eta, steps=config.steps)
