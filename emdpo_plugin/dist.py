@@ -208,6 +208,18 @@ def stop_workers(error: str | None = None) -> None:
     """Rank 0, at the end of a run (or on failure): release the workers."""
     if launched() and _CONTROL is not None:
         _broadcast(("stop", error))
+        _shutdown()
+
+
+def _shutdown() -> None:
+    """Every rank, at the end: leave the process groups together (a process that exits while
+    gloo's threads still talk to its peer aborts)."""
+    global _CONTROL
+    import torch.distributed as td
+
+    td.barrier(group=_CONTROL)
+    td.destroy_process_group()
+    _CONTROL = None
 
 
 def worker_loop(factory: Callable[[], Any]) -> None:
@@ -218,6 +230,7 @@ def worker_loop(factory: Callable[[], Any]) -> None:
         msg = _broadcast()
         kind = msg[0]
         if kind == "stop":
+            _shutdown()
             if msg[1]:
                 raise EmdpoError(f"rank 0 failed: {msg[1]}")
             return

@@ -93,3 +93,16 @@ def test_deepspeed_launcher_two_processes(tmp_path):
         args += ["--set", s]
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=1800, env=_env())
     _check_two_process_run(out, proc)
+
+
+def test_rank0_drives_and_workers_mirror_backend_calls(tmp_path):
+    """Two gloo processes: every mirrored verb runs on both ranks with the same arguments, a deep
+    copy of a policy reaches the worker in full, scoring is sharded and gathered, save runs on rank 0."""
+    proc = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", str(ROOT / "tests" / "mirror_worker.py"),
+                           str(tmp_path)], capture_output=True, text=True, timeout=300, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r0["new"] == [60, 61, 62] and r0["old"] == [40, 41, 42]
+    assert r0["calls"] == ["new_policy", "fit", "fit", "score", "score", "save"]
+    assert r1["calls"] == ["new_policy", "fit", "fit", "score", "score"]
