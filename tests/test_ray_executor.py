@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -140,26 +141,58 @@ def test_executor_verbs_groups_scoring_and_errors(tmp_path):
         ex.close()
 
 
-@pytest.mark.slow
-def test_lm_recipe_on_ray(tmp_path):
-    """The language-model recipe, reduced, with `--set executor.kind=ray`: Cluster-DPO's and every
-    EM iteration's two fits run side by side, and EM separates the two annotator groups."""
-    raw = yaml.safe_load((ROOT / "recipes" / "emdpo_imdb_cpu.yaml").read_text())
-    recipe = tmp_path / "lm_ray.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "extends": str(ROOT / "recipes" / "emdpo_imdb_cpu.yaml"), "name": "lm_ray",
-        "stages": [{"name": s["name"]} for s in raw["stages"]],
-    }))
-    out = tmp_path / "run"
-    sets = ["executor.kind=ray", "executor.object_store_mb=300",
-            "data.config.users=24", "data.config.pairs_per_user=8", "data.config.test_size=16",
-            "stages.sft.config.sft_steps=20", "stages.sft.config.max_texts=300",
-            "stages.em.config.iterations=2", "model.generation.max_new_tokens=8"]
-    args = [OPENRLHF, "run", str(ROOT / "recipes" / "emdpo_imdb_cpu.yaml"), "--output-dir", str(out)]
-    for s in sets:
-        args += ["--set", s]
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    # a fresh process: no rendezvous variables inherited from in-process tests of this session
     env = {k: v for k, v in os.environ.items()
            if k not in {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"}}
-    proc = subprocess.run(args + ["--stop-after", "em"] if False else args, cwd=ROOT, capture_output=True,
-                          text=True, timeout=1800, env=env)
+    return subprocess.run([OPENRLHF, *args], cwd=ROOT, capture_output=True, text=True, timeout=1800, env=env)
+
+
+@pytest.mark.slow
+def test_lm_recipe_on_ray_matches_local(tmp_path):
+    """The CPU language-model recipe, reduced to data, sft, kmeans, em and report: with
+    `--set executor.kind=ray` Cluster-DPO's two fits and every EM iteration's two fits run side by
+    side, and the results match the local executor's. The Ray run reuses the local run's data
+    and SFT stages (`--resume`), so only the stages that use the executor run twice."""
+    from emdpo_plugin.recipe.loader import load_recipe
+
+    small = ["data.config.users=24", "data.config.pairs_per_user=8", "data.config.test_size=32",
+             "stages.sft.config.sft_steps=20", "stages.sft.config.max_texts=300",
+             "stages.em.config.iterations=2", "stages.report.config.regret_prompts=4",
+             "model.generation.max_new_tokens=8"]
+    raw = load_recipe(ROOT / "recipes" / "emdpo_imdb_cpu.yaml", small)
+    raw["stages"] = [s for s in raw["stages"] if s["name"] in ("data", "sft", "kmeans", "em", "report")]
+    report = raw["stages"][-1]
+    report["inputs"] = {k: v for k, v in report["inputs"].items() if k in ("dataset", "kmeans", "em")}
+    recipe = tmp_path / "lm.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+
+    local, ray_run = tmp_path / "local", tmp_path / "ray"
+    proc = _cli("run", str(recipe), "--output-dir", str(local))
     assert proc.returncode == 0, proc.stderr[-4000:]
+    shutil.copytree(local, ray_run, ignore=shutil.ignore_patterns("kmeans", "em", "report"))
+    state = json.loads((ray_run / "run.json").read_text())
+    for name in ("kmeans", "em", "report"):
+        state["stages"][name]["status"] = "pending"
+    (ray_run / "run.json").write_text(json.dumps(state))
+    proc = _cli("run", str(recipe), "--output-dir", str(ray_run), "--resume",
+                "--set", "executor.kind=ray", "--set", "executor.object_store_mb=300")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    state = json.loads((ray_run / "run.json").read_text())
+    assert state["executor"]["kind"] == "ray"
+    assert state["stages"]["sft"]["seconds"] == json.loads((local / "run.json").read_text())["stages"]["sft"]["seconds"]
+    kmeans, em = state["stages"]["kmeans"]["fit_timeline"], state["stages"]["em"]["fit_timeline"]
+    assert len(kmeans) == 2 and len(em) == 4
+    for fits in [kmeans] + _iterations(em, 2):
+        assert [f["worker"] for f in fits] == ["ray:type0", "ray:type1"]
+        _assert_overlap(fits)
+
+    m_local = json.loads((local / "report" / "metrics.json").read_text())
+    m_ray = json.loads((ray_run / "report" / "metrics.json").read_text())
+    for stage in ("kmeans", "em"):
+        assert m_ray["clustering"][stage]["ari"] == pytest.approx(m_local["clustering"][stage]["ari"], abs=0.05)
+    for name, policy in m_local["policies"].items():
+        if name.startswith(("em/", "kmeans/")):
+            for g, v in policy["per_group"].items():
+                assert abs(m_ray["policies"][name]["per_group"][g]["accuracy"] - v["accuracy"]) <= 0.05, (name, g)

@@ -12,9 +12,11 @@ iteration can do in parallel:
   code here); the dataset is put in the object store once per dataset and cached in each actor.
   The driver updates each `job.policy` in place and records when each fit ran, measured inside
   the actor.
-- `loglik_many`: E-step scoring, rows split into one contiguous shard per actor, every shard
-  scored under all K policies with `loglik_rows` (the same function the local executor uses),
-  concatenated in row order.
+- `loglik_many`: E-step scoring, rows split into one contiguous shard per actor group, every
+  shard scored under all K policies with `loglik_rows` (the same function the local executor
+  uses) by all ranks of its group together (under several ranks the backend shares the rows out
+  and gathers them, as under a launcher), concatenated in row order. Before the first fit there
+  are no actors and the driver scores (the seeding step of `em_dpo`).
 
 Each actor builds the run's PolicyBackend itself, from `recipe["model"]` with the runner's own
 factory, on first use (the model may be `stage:sft`, produced by an earlier stage of this run).
@@ -326,14 +328,17 @@ class RayExecutor:
         return stats
 
     def loglik_many(self, backend: Any, policies: list[Any], data: ComparisonSet, ref: np.ndarray) -> np.ndarray:
-        actors = [(g.name, r, a) for g in self.groups for r, a in enumerate(g.actors)]
-        if not actors or len(data) < 2:  # before the first fit no actor exists: score here
+        if not self.groups or len(data) < 2:  # before the first fit no actor exists: score here
             return loglik_rows(backend, policies, data, ref)
         key, holder = self._dataset(data)
         shared = ray.put(list(policies))
-        bounds = np.linspace(0, len(data), min(len(actors), len(data)) + 1).astype(int)
-        refs, labels = [], []
-        for (name, rank, actor), lo, hi in zip(actors, bounds[:-1], bounds[1:]):
-            refs.append(actor.loglik.remote(shared, key, holder, int(lo), int(hi), ref[lo:hi]))
-            labels.append(f"E-step scoring of rows {lo}-{hi} on actor {name} rank {rank}")
-        return np.concatenate(self._gather(refs, labels), axis=0)
+        groups = self.groups[: len(data)]
+        bounds = np.linspace(0, len(data), len(groups) + 1).astype(int)
+        refs, labels, first = [], [], []
+        for group, lo, hi in zip(groups, bounds[:-1], bounds[1:]):
+            first.append(len(refs))
+            for rank, actor in enumerate(group.actors):  # a group scores its shard together (data parallel)
+                refs.append(actor.loglik.remote(shared, key, holder, int(lo), int(hi), ref[lo:hi]))
+                labels.append(f"E-step scoring of rows {lo}-{hi} on actor {group.name} rank {rank}")
+        results = self._gather(refs, labels)
+        return np.concatenate([results[i] for i in first], axis=0)  # rank 0's shard of each group
