@@ -66,6 +66,20 @@ def _assert_overlap(fits: list[dict]) -> None:
     assert max(f["start"] for f in fits) < min(f["end"] for f in fits), fits
 
 
+def test_recipe_executor_section_and_overrides():
+    from emdpo_plugin.errors import RecipeError
+    from emdpo_plugin.recipe.loader import load_recipe
+
+    plan = validate_recipe(load_recipe(ROOT / "recipes" / "bandit.yaml"))
+    assert plan.executor.kind == "local"  # the default
+    raw = load_recipe(ROOT / "recipes" / "bandit.yaml", ["executor.kind=ray", "executor.address=auto",
+                                                         "executor.gpus_per_type=2"])
+    ex = validate_recipe(raw).executor
+    assert (ex.kind, ex.address, ex.gpus_per_type) == ("ray", "auto", 2)
+    with pytest.raises(RecipeError, match="executor.bogus"):
+        validate_recipe(load_recipe(ROOT / "recipes" / "bandit.yaml", ["executor.bogus=1"]))
+
+
 def test_bandit_em_on_ray_matches_local_and_overlaps(tmp_path):
     local, ray_run = tmp_path / "local", tmp_path / "ray"
     run_plan(validate_recipe(_bandit_recipe({"kind": "local"})), local)
