@@ -210,3 +210,48 @@ def test_lm_recipe_on_ray_matches_local(tmp_path):
         if name.startswith(("em/", "kmeans/")):
             for g, v in policy["per_group"].items():
                 assert abs(m_ray["policies"][name]["per_group"][g]["accuracy"] - v["accuracy"]) <= 0.05, (name, g)
+
+
+@pytest.mark.slow
+def test_data_parallel_type_group_on_ray(tiny_model, tmp_path):
+    """`gpus_per_type: 2` makes a type's group two DeepSpeed ranks (rendezvous through the host's
+    BaseDistributedActor). A CPU box has no GPUs, so this test gives its own Ray two logical
+    ones: the placement and rendezvous are the real ones, training runs over gloo on CPU."""
+    import ray
+
+    from emdpo_plugin.executors import ExecutorConfig, FitJob, LocalExecutor, make_executor
+    from emdpo_plugin.recipe.runner import default_backend_factory
+
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, object_store_memory=300 << 20,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                                       "TQDM_DISABLE": "1"}})
+    try:
+        recipe = {"seed": 0, "model": {
+            "backend": "openrlhf", "pretrain": str(tiny_model), "max_len": 64, "beta": 0.1, "eval_batch_size": 32,
+            "lora": {"rank": 8}, "train": {"lr": 1e-2, "micro_batch_size": 8, "batch_size": 16, "lr_warmup_steps": 1}}}
+        backend = default_backend_factory(recipe, tmp_path)
+        data = _lm_pairs()
+        ref = backend.ref_score(data)
+        policy = backend.new_policy(0)
+        before = LocalExecutor().loglik_many(backend, [policy], data, ref)
+        ex = make_executor(ExecutorConfig(kind="ray", gpus_per_type=2), recipe, tmp_path)
+        try:
+            stats = ex.fit_many(backend, data, [FitJob(policy, np.ones(len(data)), False, "dp fit")])
+            assert [g.world_size for g in ex.groups] == [2]
+            assert stats[0]["rows"] == len(data)
+            local_after = LocalExecutor().loglik_many(backend, [policy], data, ref)
+            assert local_after.mean() > before.mean() + 0.01  # the trained adapter came back to the driver
+            np.testing.assert_allclose(ex.loglik_many(backend, [policy], data, ref), local_after, atol=1e-4)
+        finally:
+            ex.close()
+        assert ray.is_initialized()  # not the executor's Ray: left running
+    finally:
+        ray.shutdown()
+
+
+def _lm_pairs(n: int = 32):
+    from emdpo_plugin.data.schema import Comparison, ComparisonSet
+
+    good, bad = " a great and moving film", " a dull and boring film"
+    return ComparisonSet([Comparison(f"a{i % 4}", f"review {i % 8}: it was", [good, bad] if i % 2 else [bad, good],
+                                     [0, 1] if i % 2 else [1, 0], f"c{i}") for i in range(n)])
