@@ -109,6 +109,7 @@ def test_bandit_em_on_ray_matches_local_and_overlaps(tmp_path):
     np.testing.assert_allclose(resp_ray, resp_local, atol=1e-4)
 
 
+@pytest.mark.slow  # three actor groups: each actor imports the OpenRLHF stack (~9 s of CPU)
 def test_executor_verbs_groups_scoring_and_errors(tmp_path):
     """More groups appear when a call has more jobs; sharded scoring equals local scoring; an
     actor's exception reaches the driver as one EmdpoError naming the type and the remote error."""
