@@ -197,7 +197,7 @@ def _assign(dst: Any, src: Any) -> None:
 
 
 class RayExecutor:
-    """K fits at once on K Ray actor groups; E-step scoring sharded across their actors."""
+    """K fits at once on K Ray actor groups; E-step scoring sharded across the groups."""
 
     kind = "ray"
 
