@@ -29,6 +29,7 @@ class ExecutorConfig(StrictModel):
     gpus_per_type: int = Field(0, ge=0, description="GPUs per type's actor group (its data-parallel size when > 0); 0 on CPU")
     cpus_per_type: float = Field(1.0, gt=0, description="CPUs reserved per actor")
     num_nodes_per_type: int = Field(1, ge=1, description="nodes per type's actor group")
+    object_store_mb: int | None = Field(None, ge=64, description="local Ray only: object store size in MB (none: Ray's default, 30% of RAM)")
 
 
 @dataclass
@@ -53,6 +54,16 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
+def loglik_rows(backend: Any, policies: list[Any], data: ComparisonSet, ref: np.ndarray) -> np.ndarray:
+    """(n, K) log-likelihood of every row of `data` under every policy; `ref` holds the rows'
+    reference scores. The one E-step scoring function: LocalExecutor calls it on the whole set,
+    each Ray actor on its shard of rows."""
+    ref = ref[:, : data.max_responses]  # a shard may be narrower than the set it came from
+    cols = [comparison_loglik(backend.score(p, data.prompts, data.responses), ref, data.rankings,
+                              data.response_mask, backend.beta, backend.label_smoothing) for p in policies]
+    return np.stack(cols, axis=1) if cols else np.zeros((len(data), 0))
+
+
 class LocalExecutor:
     """Every fit and score in this process, one after another, on the run's backend."""
 
@@ -70,9 +81,7 @@ class LocalExecutor:
         return out
 
     def loglik_many(self, backend: Any, policies: list[Any], data: ComparisonSet, ref: np.ndarray) -> np.ndarray:
-        cols = [comparison_loglik(backend.score(p, data.prompts, data.responses), ref, data.rankings,
-                                  data.response_mask, backend.beta, backend.label_smoothing) for p in policies]
-        return np.stack(cols, axis=1)
+        return loglik_rows(backend, policies, data, ref)
 
     def close(self) -> None:
         pass

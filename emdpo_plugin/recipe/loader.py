@@ -14,7 +14,7 @@ import yaml
 
 from ..errors import RecipeError
 
-TOP_LEVEL_KEYS = ("name", "extends", "seed", "output_dir", "model", "data", "stages")
+TOP_LEVEL_KEYS = ("name", "extends", "seed", "output_dir", "executor", "model", "data", "stages")
 STAGE_KEYS = ("name", "trainer", "inputs", "config", "drop")
 # Where `--set` may create missing intermediate mappings: free-form sections only.
 _OPEN_SECTIONS = ("config", "model", "data")
@@ -23,8 +23,8 @@ _OPEN_SECTIONS = ("config", "model", "data")
 def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> dict[str, Any]:
     """Load `path`, resolve its `extends` chain, fill defaults and apply `--set` overrides.
 
-    Returns a plain dict with exactly the keys name, seed, output_dir (if set), model, data,
-    stages; each stage has name, trainer (if set), inputs and config.
+    Returns a plain dict with exactly the keys name, seed, output_dir (if set), executor (if
+    set), model, data, stages; each stage has name, trainer (if set), inputs and config.
     """
     path = Path(path)
     recipe = _load_chain(path, ())
@@ -83,6 +83,7 @@ def _check_file(raw: dict[str, Any], path: Path) -> None:
     _expect(raw, "name", str, path)
     _expect(raw, "extends", str, path)
     _expect(raw, "output_dir", str, path)
+    _expect(raw, "executor", dict, path)
     _expect(raw, "model", dict, path)
     _expect(raw, "data", dict, path)
     if "seed" in raw and (isinstance(raw["seed"], bool) or not isinstance(raw["seed"], int)):
@@ -169,7 +170,7 @@ def _fill_defaults(recipe: dict[str, Any], path: Path) -> None:
     for stage in recipe["stages"]:
         stage.setdefault("inputs", {})
         stage.setdefault("config", {})
-    order = ("name", "seed", "output_dir", "model", "data", "stages")
+    order = ("name", "seed", "output_dir", "executor", "model", "data", "stages")
     items = {k: recipe[k] for k in order if k in recipe}
     recipe.clear()
     recipe.update(items)
@@ -214,6 +215,8 @@ def _apply_override(recipe: dict[str, Any], text: str, path: Path) -> None:
         allowed = ", ".join(k for k in TOP_LEVEL_KEYS if k != "extends")
         raise RecipeError(f"{where}: unknown top-level key {top!r} (allowed: {allowed})")
 
+    if top == "executor" and len(parts) > 1:  # an optional section: `--set executor.kind=ray` opens it
+        recipe.setdefault("executor", {})
     if top == "stages" and len(parts) > 1:
         by_name = {s.get("name"): s for s in recipe["stages"] if isinstance(s, dict)}
         stage_name = parts[1]
