@@ -57,7 +57,9 @@ def test_appendix_e_estimate_matches_closed_form_and_mixtures_are_weighted_sums(
     oracle = {"a": pols[0], "b": pols[1]}
     mixtures = {"p2": [(1.0, pols[2])], "oracle_a": [(1.0, pols[0])], "mix": [(0.3, pols[1]), (0.7, pols[2])]}
     prompts = [f"x{i}" for i in range(400)]
-    est = estimate_regrets(backend, oracle, mixtures, prompts, n=4, seed=1)
+    est, kl = estimate_regrets(backend, oracle, mixtures, prompts, n=4, seed=1)
+    for g, pz in oracle.items():  # E_{pi*}[log pi*/ref] is KL(pi* || ref)
+        assert kl[g] == pytest.approx(np.exp(pz) @ (pz - backend.ref), abs=0.05)
     for name, mix in mixtures.items():
         for g, pz in oracle.items():
             e = est[name][g]
@@ -69,7 +71,7 @@ def test_appendix_e_estimate_matches_closed_form_and_mixtures_are_weighted_sums(
                 assert 0 < e["se"] < 0.1
                 assert abs(e["regret"] - truth) < 4 * e["se"], (name, g, e, truth)
     # a mixture's regret is the w-weighted sum of its members' regrets (same samples per member)
-    one = estimate_regrets(backend, oracle, {"m1": [(1.0, pols[1])], "m2": [(1.0, pols[2])]}, prompts, 4, 1)
+    one, _ = estimate_regrets(backend, oracle, {"m1": [(1.0, pols[1])], "m2": [(1.0, pols[2])]}, prompts, 4, 1)
     for g in oracle:
         assert est["mix"][g]["regret"] == pytest.approx(0.3 * one["m1"][g]["regret"] + 0.7 * one["m2"][g]["regret"])
 
@@ -78,7 +80,7 @@ def test_single_prompt_falls_back_to_a_sample_level_standard_error():
     ref = np.full(3, 1 / 3)
     backend = TabularBackend(ref, beta=1.0)
     oracle = {"g": np.log(np.array([0.7, 0.2, 0.1]))}
-    est = estimate_regrets(backend, oracle, {"ref": [(1.0, np.log(ref))]}, ["only"], n=2000, seed=0)
+    est, _ = estimate_regrets(backend, oracle, {"ref": [(1.0, np.log(ref))]}, ["only"], n=2000, seed=0)
     e = est["ref"]["g"]
     assert 0 < e["se"] < 0.05
     assert abs(e["regret"] - _exact(backend, oracle["g"], [(1.0, np.log(ref))])) < 4 * e["se"]
@@ -162,6 +164,8 @@ def test_oracle_regret_on_the_bandit_tracks_the_exact_regret(tmp_path):
         other = "group1" if g == "group0" else "group0"
         assert pol[name]["per_group"][other]["regret"] > 0
     assert pol["oracle/group0"]["epochs_seen"] == 150.0
+    assert all(kl > 0.1 for kl in m["regret"]["oracle_kl"].values())  # the oracles left the reference
+    assert not any("indistinguishable" in n for n in m["notes"])
     md = (tmp_path / "report_oracle" / "report.md").read_text()
     assert "against the oracle stage `oracle`" in md and "±" in md
 

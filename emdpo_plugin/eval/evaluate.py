@@ -104,7 +104,7 @@ def estimate_regrets(
     prompts: list[str],
     n: int,
     seed: int,
-) -> dict[str, dict[str, dict[str, float | None]]]:
+) -> tuple[dict[str, dict[str, dict[str, float | None]]], dict[str, float]]:
     """Appendix E's regret of every mixture for every group, against independent per-group oracles.
 
     `regret_g(pi) = beta * (E_{y ~ pi*_g}[s_g - s_ref] - E_{y ~ pi}[s_g - s_ref])` on `prompts`,
@@ -115,7 +115,9 @@ def estimate_regrets(
     The standard error comes from per-prompt averages: d(x) = a_g(x) - sum_k w_k b_k(x), SE =
     beta * sd(d) / sqrt(#prompts). With a single prompt it falls back to the sample level
     (independent draws: var(a)/n + sum_k w_k^2 var(b_k)/n).
-    Returns {name: {group: {"regret": float, "se": float | None}}}.
+    Returns ({name: {group: {"regret": float, "se": float | None}}}, {group: KL estimate}), the
+    second being E_{y ~ pi*_g}[log pi*_g/pi_SFT] = KL(pi*_g || pi_SFT): near 0, the oracle never
+    left the reference and every regret against it is 0 whatever the policy (uninformative).
     """
     bases: dict[int, Any] = {id(p): p for p in oracle.values()}
     bases.update({id(p): p for mix in mixtures.values() for _, p in mix})
@@ -143,4 +145,4 @@ def estimate_regrets(
             if all(p is pz for _, p in mix):  # the oracle against itself: zero by definition
                 regret, se = 0.0, 0.0
             out[name][g] = {"regret": regret, "se": se}
-    return out
+    return out, {g: float(diffs[id(pz)][g].mean()) for g, pz in oracle.items()}

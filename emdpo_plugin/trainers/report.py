@@ -43,6 +43,9 @@ from .base import StageConfig, StageContext, Trainer
 from .common import dataset_from, prompts_from, run_path
 
 
+ORACLE_MIN_KL = 1e-4  # nats: below this an oracle has not moved from the reference
+
+
 class IdentifiabilitySpec(StrictModel):
     em: str = Field(description="input slot of the EM stage whose eta and type policies are checked")
     dataset: str = Field(description="input slot of the dataset stage that EM stage trained on")
@@ -228,13 +231,18 @@ class ReportStage(Trainer):
         oracle_names: dict[str, str] = oracle_out["oracle_groups"]
         oracle = {g: load(n, oracle_out["policies"][n]) for g, n in oracle_names.items()}
         prompts = prompts_from(ds.test, config.regret_prompts, ctx.seed)
-        est = estimate_regrets(backend, oracle, mixtures, prompts, config.samples_per_prompt, ctx.seed)
+        est, oracle_kl = estimate_regrets(backend, oracle, mixtures, prompts, config.samples_per_prompt, ctx.seed)
+        for g, kl in oracle_kl.items():
+            if abs(kl) < ORACLE_MIN_KL:
+                notes.append(f"The oracle for {g} ({oracle_names[g]}) is indistinguishable from the reference "
+                             f"(KL estimate {kl:.2g} nats): every regret for {g} is near 0 and says nothing; "
+                             "train it longer (more rows or steps).")
         for name, p in pol.items():
             for g, m in p["per_group"].items():
                 e = est[name].get(g)
                 m["regret"], m["regret_se"] = (e["regret"], e["se"]) if e else (None, None)
         return {"method": "appendix_e", "oracle_stage": next(iter(oracle_names.values())).split("/")[0],
-                "oracle_policies": oracle_names, "prompts": len(prompts), "samples_per_prompt": config.samples_per_prompt,
+                "oracle_policies": oracle_names, "oracle_kl": oracle_kl, "prompts": len(prompts), "samples_per_prompt": config.samples_per_prompt,
                 "split": "test",
                 "formula": "beta * (E_{y~pi*_g}[log pi*_g/pi_SFT] - E_{y~pi}[log pi*_g/pi_SFT]); mixtures: w-weighted sum over members"}
 
