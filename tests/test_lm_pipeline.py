@@ -49,9 +49,16 @@ def test_cpu_recipe_runs_every_stage_and_exports(tmp_path):
         c = m["clustering"][stage]
         assert -1 <= c["ari"] <= 1 and len(c["eta"]) == 2 and set(c["type_to_group"]) <= {"sentiment", "grammar"}
     assert len(m["clustering"]["em"]["log_likelihood"]) == 2
-    for name in ("dpo", "em/type0", "em/type1", "kmeans/type0", "minmax/ensemble", "minmax_w14/ensemble"):
+    for name in ("dpo", "em/type0", "em/type1", "kmeans/type0", "minmax/ensemble", "minmax_w14/ensemble",
+                 "oracle/grammar", "oracle/sentiment"):
         for g, v in m["policies"][name]["per_group"].items():
-            assert 0 <= v["accuracy"] <= 1 and v["regret"] is not None, (name, g, v)
+            assert 0 <= v["accuracy"] <= 1 and v["regret"] is not None and v["regret_se"] is not None, (name, g, v)
+    # regret is measured against the group_dpo oracle, never against EM's own types
+    assert m["regret"]["method"] == "appendix_e"
+    assert m["regret"]["oracle_policies"] == {"grammar": "oracle/grammar", "sentiment": "oracle/sentiment"}
+    for g in ("grammar", "sentiment"):
+        assert m["policies"][f"oracle/{g}"]["per_group"][g]["regret"] == 0.0
+    assert set(m["clustering"]["em"]["matched_group"]) == {"em/type0", "em/type1"}
     for stage in ("minmax", "minmax_w14", "minmax_kmeans"):
         e = m["ensembles"][stage]
         assert abs(sum(e["weights"]) - 1) < 1e-9 and e["max_regret"] is not None
