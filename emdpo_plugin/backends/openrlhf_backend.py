@@ -248,8 +248,12 @@ class OpenRLHFBackend:
 
         width = max(len(r) for r in responses)
         out = np.full((len(prompts), width), np.nan)
-        flat = [(i, j, self._tokenize(p, r)) for i, (p, rs) in enumerate(zip(prompts, responses)) for j, r in enumerate(rs)]
-        flat.sort(key=lambda t: t[2].input_ids.shape[1])  # length-sorted batches pad little
+        where: dict[tuple[str, str], list[tuple[int, int]]] = {}  # each distinct sequence is scored once
+        for i, (p, rs) in enumerate(zip(prompts, responses)):
+            for j, r in enumerate(rs):
+                where.setdefault((p, r), []).append((i, j))
+        flat = [(key, self._tokenize(*key)) for key in where]
+        flat.sort(key=lambda t: t[1].input_ids.shape[1])  # length-sorted batches pad little
         mine_idx, mine = dist.shard(flat)
         self.module.eval()
         bs = self.cfg.eval_batch_size
@@ -257,11 +261,12 @@ class OpenRLHFBackend:
         for s in tqdm(range(0, len(mine), bs), desc=desc, leave=False,
                       disable=len(mine) <= bs or not dist.is_driver()):
             chunk = mine[s: s + bs]
-            batch, _ = collate_responses([[t] for _, _, t in chunk], self.tokenizer.pad_token_id)
+            batch, _ = collate_responses([[t] for _, t in chunk], self.tokenizer.pad_token_id)
             batch.input_ids, batch.attention_mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
             values.extend(sequence_logps(self.actor, batch)[0].squeeze(1).double().cpu().tolist())
-        for (i, j, _), v in zip(flat, dist.gather(mine_idx, values, len(flat))):
-            out[i, j] = v
+        for (key, _), v in zip(flat, dist.gather(mine_idx, values, len(flat))):
+            for i, j in where[key]:
+                out[i, j] = v
         return out
 
     def score(self, policy: LMPolicy | None, prompts: list[str], responses: list[list[str]]) -> np.ndarray:
