@@ -19,6 +19,8 @@ from torch import nn
 from ..algorithms.likelihood import comparison_loglik, weighted_nll
 from ..config import StrictModel
 from ..data.schema import ComparisonSet
+from ..errors import EmdpoError
+from .base import FitSchedule
 
 
 class BanditModelConfig(StrictModel):
@@ -97,7 +99,11 @@ class BanditBackend:
         return np.where(mask.numpy(), s, np.nan)
 
     def fit(self, policy: nn.Module, data: ComparisonSet, weights: np.ndarray, *, warm: bool = True,
-            desc: str = "") -> dict[str, Any]:
+            desc: str = "", schedule: FitSchedule | None = None) -> dict[str, Any]:
+        """Full-batch Adam at a constant lr: one step is one pass, so `schedule.steps` and
+        `schedule.epochs` (rounded) both count steps; `constant_lr` changes nothing here."""
+        if self.cfg.lr <= 0:
+            raise EmdpoError(f"{desc or 'fit'}: model.lr={self.cfg.lr} would train at learning rate 0")
         keep = np.asarray(weights) > 0
         ctx = self._contexts([p for p, k in zip(data.prompts, keep) if k])
         idx, mask = self._arms([r for r, k in zip(data.responses, keep) if k])
@@ -113,6 +119,8 @@ class BanditBackend:
         if not warm:  # restart from the reference with the full schedule
             policy.load_state_dict(self.new_policy(self.seed).state_dict())
         steps = self.cfg.warm_epochs if warm else self.cfg.epochs
+        if schedule is not None and (schedule.steps or schedule.epochs):
+            steps = schedule.steps or max(1, round(schedule.epochs))
         opt = torch.optim.Adam(policy.parameters(), lr=self.cfg.lr)
         for step in range(steps + 1):
             loss = loss_fn()
@@ -124,7 +132,7 @@ class BanditBackend:
             loss.backward()
             opt.step()
         policy.load_state_dict(best_state)
-        return {"loss": best_loss, "rows": int(keep.sum()), "steps": steps}
+        return {"loss": best_loss, "rows": int(keep.sum()), "steps": steps, "epochs": float(steps)}
 
     def sample(self, policy: nn.Module, prompts: list[str], n: int, seed: int) -> list[list[str]]:
         rng = np.random.default_rng(seed)

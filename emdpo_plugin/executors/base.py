@@ -16,6 +16,7 @@ import numpy as np
 from pydantic import Field
 
 from ..algorithms.likelihood import comparison_loglik
+from ..backends.base import FitSchedule
 from ..config import StrictModel
 from ..data.schema import ComparisonSet
 
@@ -38,6 +39,7 @@ class FitJob:
     weights: np.ndarray
     warm: bool
     desc: str
+    schedule: FitSchedule | None = None  # the fit's own budget/schedule (EM seeding, dpo_matched)
 
 
 class Executor(Protocol):
@@ -56,7 +58,7 @@ class LocalExecutor:
     kind = "local"
 
     def fit_many(self, backend: Any, data: ComparisonSet, jobs: list[FitJob]) -> list[dict[str, Any]]:
-        return [backend.fit(j.policy, data, j.weights, warm=j.warm, desc=j.desc) for j in jobs]
+        return [backend.fit(j.policy, data, j.weights, warm=j.warm, desc=j.desc, schedule=j.schedule) for j in jobs]
 
     def loglik_many(self, backend: Any, policies: list[Any], data: ComparisonSet, ref: np.ndarray) -> np.ndarray:
         cols = [comparison_loglik(backend.score(p, data.prompts, data.responses), ref, data.rankings,
