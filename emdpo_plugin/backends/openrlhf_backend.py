@@ -408,7 +408,8 @@ class OpenRLHFBackend:
         stats = trainer.fit(self.args, desc=desc or "M-step")
         self.actor.model = self.module
         policy.state = self._snapshot()
-        lr_info = {"scheduler": sched_name, "optimizer": tr.optimizer, "warmup_steps": warmup}
+        inner = getattr(optim, "optimizer", optim)  # DeepSpeed's wrapper (ZeRO) holds the torch optimiser
+        lr_info = {"scheduler": sched_name, "optimizer": type(inner).__name__, "warmup_steps": warmup}
         if lrs is not None:
             lr_info.update(mean=float(np.mean(lrs)), zero_steps=int(sum(v <= 0 for v in lrs)))
         return {**stats, "rows": int(len(keep)), "epochs": epochs_run, "optimizer_steps": steps,

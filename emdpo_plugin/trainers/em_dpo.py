@@ -89,10 +89,12 @@ class EMConfig(StageConfig):
 
 
 def seed_policies(backend: Any, data: ComparisonSet, ref: np.ndarray, K: int, seed: int,
-                  executor: Executor = LOCAL, steps: int = 20) -> tuple[list[Any], np.ndarray, list[str]]:
+                  executor: Executor = LOCAL, steps: int = 20
+                  ) -> tuple[list[Any], np.ndarray, list[str], list[dict[str, Any]]]:
     """k-means++ in likelihood space: one annotator's comparisons per type, spread-out annotators.
 
-    Returns (policies, passes (n_rows, K): training passes each row received, seed annotator ids)."""
+    Returns (policies, passes (n_rows, K): training passes each row received, seed annotator
+    ids, each seeding fit's stats)."""
     rng = np.random.default_rng(seed)
     idx, n = data.annotator_index, data.n_annotators
     per_annotator = np.bincount(idx, minlength=n)
@@ -101,11 +103,13 @@ def seed_policies(backend: Any, data: ComparisonSet, ref: np.ndarray, K: int, se
     policies: list[Any] = []
     passes = np.zeros((len(data), K))
     schedule = FitSchedule(steps=steps, constant_lr=True)
+    fits = []
     for k in range(K):
         policy = backend.new_policy(seed + 1000 * k)
         mask = (idx == chosen[-1]).astype(np.float64)
         fit = executor.fit_many(backend, data, [FitJob(policy, mask, False, f"seed type{k}", schedule)])[0]
         passes[:, k] = fit.get("epochs", 0.0) * mask
+        fits.append(fit)
         policies.append(policy)
         if k == K - 1:
             break
@@ -113,7 +117,7 @@ def seed_policies(backend: Any, data: ComparisonSet, ref: np.ndarray, K: int, se
         nll = np.minimum(nll, -annotator_loglik(ll, idx, n)[:, 0] / np.maximum(per_annotator, 1))
         d2 = np.where(np.isin(np.arange(n), chosen), 0.0, nll**2)
         chosen.append(int(rng.choice(n, p=d2 / d2.sum())) if d2.sum() > 0 else int(rng.integers(n)))
-    return policies, passes, [data.annotator_ids[a] for a in chosen]
+    return policies, passes, [data.annotator_ids[a] for a in chosen], fits
 
 
 def epochs_seen(passes: np.ndarray, log_resp: np.ndarray, annotator_index: np.ndarray) -> list[float]:
@@ -221,12 +225,12 @@ def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _C
             log_resp = np.zeros((data.n_annotators, 1))
             state["start"] = "single type"
         elif cfg.init == "seeded":  # Algorithm 1: eta_0 = 1/K, E-step under the seeded policies
-            policies, passes, seed_ids = seed_policies(backend, data, ref, K, seed, executor, cfg.seed_steps)
+            policies, passes, seed_ids, seed_fits = seed_policies(backend, data, ref, K, seed, executor, cfg.seed_steps)
             ll = executor.loglik_many(backend, policies, data, ref)
             est = e_step(ll, data.annotator_index, data.n_annotators, np.full(K, 1.0 / K))
             log_resp = est.log_resp
             state["start"] = "seeded"
-            state["seeding"] = {"annotators": seed_ids, "steps": cfg.seed_steps,
+            state["seeding"] = {"annotators": seed_ids, "steps": cfg.seed_steps, "fits": seed_fits,
                                 "mean_max_responsibility": float(np.exp(log_resp).max(1).mean())}
         else:
             policies = [backend.new_policy(seed + 1000 * k) for k in range(K)]
