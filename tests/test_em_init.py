@@ -34,12 +34,12 @@ def _lm(model: Path, run_dir: Path, **train):
     return OpenRLHFBackend(cfg, seed=0, run_dir=run_dir)
 
 
-def _two_tastes(annotators: int = 8, per: int = 6) -> ComparisonSet:
-    """Half the annotators prefer the warm review, half the cold one: two tabular types."""
+def _two_tastes(annotators: int = 9, per: int = 6) -> ComparisonSet:
+    """Two thirds of the annotators prefer the warm review, a third the cold one: two tabular types."""
     good, bad = " a great and moving film", " a dull and boring film"
     rows = []
     for a in range(annotators):
-        likes_good = a < annotators // 2
+        likes_good = a < annotators - annotators // 3
         for j in range(per):
             first_good = j % 2 == 0
             responses = [good, bad] if first_good else [bad, good]
@@ -88,21 +88,33 @@ def test_rmsprop_with_constant_warmup_and_an_epoch_budget(tiny_model, tmp_path):
 
 def test_seeded_em_separates_tastes_with_full_fine_tuning(tiny_model, tmp_path):
     """lora.rank 0: no random adapter can break EM's symmetry; only the seeding fits can."""
-    data = _two_tastes(8, 6)
-    be = _lm(tiny_model, tmp_path, micro_batch_size=8, batch_size=8, lr_warmup_steps=1)
-    cfg = EMConfig(K=2, iterations=1, seed_steps=4)
+    data = _two_tastes(9, 6)  # 6 warm, 3 cold annotators
+    be = _lm(tiny_model, tmp_path, micro_batch_size=6, batch_size=6, lr_warmup_steps=150)
+    cfg = EMConfig(K=2, iterations=1)
     state, policies = run_em(be, data, cfg, seed=0, ckpt=_Checkpoint(tmp_path / "ck", "fp"), desc="em")
-    for fit in state["seeding"]["fits"]:  # seeding: constant lr, every step trains
-        assert fit["lr"]["zero_steps"] == 0 and fit["optimizer_steps"] == 4
-    assert all(f["lr"]["mean"] > 0 for it in state["fit"] for f in it)  # every M-step trains
+    seeding = state["seeding"]["fits"]
+    assert [f["annotators"] for f in seeding] == [9, 3]  # everyone, then the worse-explained cold third
+    for fit in seeding:  # constant lr: every step trains although warm-up (150) outlasts the fit
+        assert fit["lr"]["zero_steps"] == 0 and fit["lr"]["scheduler"] == "constant"
     assert state["seeding"]["mean_max_responsibility"] > 0.9  # the first E-step is already decisive
     ref = be.ref_score(data)
     for p in policies:
         assert np.abs(be.score(p, data.prompts, data.responses) - ref).max() > 0.05
     resp = np.exp(np.array(state["log_resp"]))
     assert clustering_scores(data.annotator_groups(), resp.argmax(1))["ari"] == pytest.approx(1.0)
-    # budget: 4 seeding steps over 6 of the type's 24 rows, then one warm M-step pass
-    assert state["epochs_seen"] == pytest.approx([1 + 4 * 6 / 24] * 2, abs=0.05)
+    # budget: one seeding pass plus one warm M-step pass over each type's own rows
+    assert state["epochs_seen"] == pytest.approx([2.0, 2.0], abs=0.01)
+
+
+def test_every_m_step_of_a_warmup_schedule_trains(tiny_model, tmp_path):
+    """An M-step under warm-up + decay: some steps may be at lr 0 (step 0), never all of them."""
+    data = _two_tastes(9, 6)
+    be = _lm(tiny_model, tmp_path, micro_batch_size=6, batch_size=6, lr_warmup_steps=2)
+    state, _ = run_em(be, data, EMConfig(K=2, iterations=1, warm_start=False), seed=0,
+                      ckpt=_Checkpoint(tmp_path / "ck", "fp"), desc="em")
+    for fit in [f for it in state["fit"] for f in it]:
+        assert fit["lr"]["zero_steps"] <= 1 and fit["lr"]["mean"] > 0 and fit["optimizer_steps"] >= 3
+    assert state["epochs_seen"] == pytest.approx([1.0, 1.0], abs=0.01)  # warm_start false: the last fit only
 
 
 def _bandit_dir(tmp_path: Path, group_probs, annotators=60, seed=5) -> dict:
@@ -135,11 +147,12 @@ def test_epochs_seen_counts_the_passes_behind_each_final_policy(tmp_path):
     ds = build({"annotators": 30, "group_probs": [0.5, 0.5]}, seed=3)
     data = ComparisonSet(ds.train)
     backend = BanditBackend({"epochs": 60, "warm_epochs": 20}, seed=3)
-    warm, _ = run_em(backend, data, EMConfig(K=2, iterations=2, seed_steps=10), seed=3,
+    warm, _ = run_em(backend, data, EMConfig(K=2, iterations=2, seed_epochs=10), seed=3,
                      ckpt=_Checkpoint(tmp_path / "w", "fp"), desc="em")
-    # seeding (10 passes over one annotator's rows) + up to 2 warm M-steps of 20 passes (one may be
-    # rejected by the generalised-EM guard)
-    assert all(20 <= e <= 40 + 10 for e in warm["epochs_seen"]), warm["epochs_seen"]
+    # seeding (10 passes: type 0 over every row, type 1 over its seed annotators' rows) + up to 2
+    # warm M-steps of 20 passes (one may be rejected by the generalised-EM guard)
+    assert all(20 <= e <= 40 + 10 + 1e-6 for e in warm["epochs_seen"]), warm["epochs_seen"]
+    assert warm["epochs_seen"][0] > 20  # type 0's seeding pass over every row counts
     cold, _ = run_em(backend, data, EMConfig(K=2, iterations=2, warm_start=False), seed=3,
                      ckpt=_Checkpoint(tmp_path / "c", "fp"), desc="em")
     assert cold["epochs_seen"] == pytest.approx([60.0, 60.0])  # each M-step from the reference: one schedule

@@ -6,14 +6,16 @@ closed-form eta update) and E-step (every comparison scored under every type, po
 annotator in log space). The observed log-likelihood is recorded every iteration.
 
 Seeding (`init: seeded`): every type would otherwise start at the reference, EM's symmetric
-fixed point. k-means++ in likelihood space: type 0 is fitted to one random annotator's
-comparisons, each next type to an annotator drawn with probability proportional to the
-squared per-comparison NLL under the closest type so far. Each seeding fit has its own budget,
-`seed_steps` optimiser steps at a constant learning rate (no warm-up: one annotator's rows are
-one step per pass, and a warm-up would give that step lr 0); the backends refuse any fit whose
-every step would run at lr 0, so symmetry is broken by training, never only by a random adapter
-initialisation. `init: dirichlet` draws random soft assignments instead. K = 1 needs no
-seeding: one type from the reference, i.e. DPO on every comparison.
+fixed point. Split seeding: type 0 is fitted to every comparison, each next type to the
+annotators the types so far explain worse than average (mean NLL per comparison under the
+closest type). Each seeding fit is real training: the backend's from-reference budget (or
+`seed_epochs` passes) at a constant learning rate, since a warm-up can leave a short fit at lr
+0; the backends refuse any fit whose every step would run at lr 0. So symmetry is broken by
+training, never only by a random adapter initialisation (full fine-tuning has none). Fitting a
+type to one annotator's comparisons (k-means++ style, tried first) does not work on language
+models: 25 comparisons are memorised, not generalised, and the first E-step was no better than
+chance on the CPU recipe's data. `init: dirichlet` draws random soft assignments instead. K = 1
+needs no seeding: one type from the reference, i.e. DPO on every comparison.
 
 Departure (opt-in): `inputs: {init: <clustering stage>}` starts from another stage's hard
 assignments (smoothed by `init_smoothing`) instead, which makes EM depend on that baseline.
@@ -30,7 +32,8 @@ score, and refits that K on all comparisons (so the stage costs len(K) + 1 EM ru
 go to the outputs and clustering.json (`model_selection`, `chosen_K`): a user learns whether
 the annotators differ at all (K = 1 wins when they do not).
 
-`restarts` runs EM from several seeds and keeps the run with the best final log-likelihood.
+`restarts` runs EM from several seeds and keeps the run with the best final log-likelihood;
+restart r > 0 seeds type 0 on a bootstrap resample of the annotators, so restarts differ.
 A checkpoint is written after every finished iteration; a killed run resumed with the same
 config continues from the last finished iteration.
 """
@@ -67,7 +70,7 @@ class EMConfig(StageConfig):
     tol: float = Field(0.0, ge=0, description="stop when the log-likelihood gains less than tol (relative)")
     min_responsibility: float = Field(0.0, ge=0, lt=1, description="M-step skips rows whose annotator's g_ik is below this")
     init: Literal["seeded", "dirichlet"] = Field("seeded", description="symmetry breaking: likelihood k-means++ seeding or random responsibilities (ignored when inputs.init names a clustering stage)")
-    seed_steps: int = Field(20, ge=1, description="optimiser steps of each seeding fit (one annotator's comparisons), at a constant learning rate")
+    seed_epochs: float | None = Field(None, gt=0, description="passes of each seeding fit (default: the backend's from-reference budget, model.train.max_epochs or the bandit's epochs), always at a constant learning rate")
     init_smoothing: float = Field(0.1, ge=0, lt=1, description="inputs.init: hard assignments g become (1-s) g + s/K")
     init_concentration: float = Field(1.0, gt=0, description="Dirichlet concentration (init: dirichlet)")
     warm_start: bool = Field(True, description="M-steps continue from the previous policies (warm_epochs); false: each M-step refits from the reference for max_epochs (the dpo baseline's budget per final policy)")
@@ -89,35 +92,42 @@ class EMConfig(StageConfig):
 
 
 def seed_policies(backend: Any, data: ComparisonSet, ref: np.ndarray, K: int, seed: int,
-                  executor: Executor = LOCAL, steps: int = 20
-                  ) -> tuple[list[Any], np.ndarray, list[str], list[dict[str, Any]]]:
-    """k-means++ in likelihood space: one annotator's comparisons per type, spread-out annotators.
+                  executor: Executor = LOCAL, epochs: float | None = None, bootstrap: bool = False
+                  ) -> tuple[list[Any], np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """Split seeding: K really trained type policies that differ where the annotators do.
 
-    Returns (policies, passes (n_rows, K): training passes each row received, seed annotator
-    ids, each seeding fit's stats)."""
+    Type 0 is fitted to every comparison (`bootstrap`: to a bootstrap resample of the annotators,
+    weight = times drawn, so EM restarts start apart); type k to the annotators whose comparisons the types
+    so far explain worse than average (mean NLL per comparison under the closest type above the
+    mean over annotators; a random half if all are explained equally well). One annotator's
+    comparisons are too few to carry a taste that generalises: fitted to them, a language
+    model memorises (measured on the CPU recipe: first E-step ARI about 0 whatever the budget).
+    Each fit: `epochs` passes (None: the backend's from-reference budget) at a constant learning
+    rate, so no warm-up can leave it at lr 0. Returns (policies, comparison
+    log-likelihoods (n, K) under them, passes (n, K) each row received, each fit's stats)."""
     rng = np.random.default_rng(seed)
     idx, n = data.annotator_index, data.n_annotators
-    per_annotator = np.bincount(idx, minlength=n)
-    nll = np.full(n, np.inf)
-    chosen = [int(rng.integers(n))]
-    policies: list[Any] = []
+    per_annotator = np.maximum(np.bincount(idx, minlength=n), 1)
+    schedule = FitSchedule(epochs=epochs, constant_lr=True)
+    policies, cols, fits = [], [], []
     passes = np.zeros((len(data), K))
-    schedule = FitSchedule(steps=steps, constant_lr=True)
-    fits = []
     for k in range(K):
+        if k == 0:
+            drawn = np.bincount(rng.integers(n, size=n), minlength=n) if bootstrap else np.ones(n)
+            chosen, mask = drawn > 0, drawn[idx].astype(np.float64)
+        else:
+            nll = -annotator_loglik(np.stack(cols, axis=1), idx, n).max(axis=1) / per_annotator
+            chosen = nll > nll.mean() + 1e-9 * abs(nll.mean())
+            if not chosen.any():  # no annotator stands out: nothing to follow but chance
+                chosen = rng.random(n) < 0.5
+            mask = chosen[idx].astype(np.float64)
         policy = backend.new_policy(seed + 1000 * k)
-        mask = (idx == chosen[-1]).astype(np.float64)
         fit = executor.fit_many(backend, data, [FitJob(policy, mask, False, f"seed type{k}", schedule)])[0]
-        passes[:, k] = fit.get("epochs", 0.0) * mask
-        fits.append(fit)
+        passes[:, k] = fit.get("epochs", 0.0) * (mask > 0)
+        fits.append({**fit, "annotators": int(chosen.sum())})
         policies.append(policy)
-        if k == K - 1:
-            break
-        ll = executor.loglik_many(backend, [policy], data, ref)
-        nll = np.minimum(nll, -annotator_loglik(ll, idx, n)[:, 0] / np.maximum(per_annotator, 1))
-        d2 = np.where(np.isin(np.arange(n), chosen), 0.0, nll**2)
-        chosen.append(int(rng.choice(n, p=d2 / d2.sum())) if d2.sum() > 0 else int(rng.integers(n)))
-    return policies, passes, [data.annotator_ids[a] for a in chosen], fits
+        cols.append(executor.loglik_many(backend, [policy], data, ref)[:, 0])
+    return policies, np.stack(cols, axis=1), passes, fits
 
 
 def epochs_seen(passes: np.ndarray, log_resp: np.ndarray, annotator_index: np.ndarray) -> list[float]:
@@ -195,7 +205,8 @@ def m_step(backend: Any, policies: list[Any], data: ComparisonSet, weights: np.n
 
 
 def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _Checkpoint, desc: str,
-           init_resp: np.ndarray | None = None, executor: Executor = LOCAL) -> tuple[dict[str, Any], list[Any]]:
+           init_resp: np.ndarray | None = None, executor: Executor = LOCAL,
+           restart: int = 0) -> tuple[dict[str, Any], list[Any]]:
     """One EM run from one seed with `cfg.K` types (an int); returns (state, policies).
 
     Resumes from `ckpt` if present. `init_resp` (annotators x K), e.g. another stage's
@@ -225,12 +236,12 @@ def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _C
             log_resp = np.zeros((data.n_annotators, 1))
             state["start"] = "single type"
         elif cfg.init == "seeded":  # Algorithm 1: eta_0 = 1/K, E-step under the seeded policies
-            policies, passes, seed_ids, seed_fits = seed_policies(backend, data, ref, K, seed, executor, cfg.seed_steps)
-            ll = executor.loglik_many(backend, policies, data, ref)
+            policies, ll, passes, seed_fits = seed_policies(backend, data, ref, K, seed, executor, cfg.seed_epochs,
+                                                            bootstrap=restart > 0)
             est = e_step(ll, data.annotator_index, data.n_annotators, np.full(K, 1.0 / K))
             log_resp = est.log_resp
             state["start"] = "seeded"
-            state["seeding"] = {"annotators": seed_ids, "steps": cfg.seed_steps, "fits": seed_fits,
+            state["seeding"] = {"epochs": cfg.seed_epochs, "fits": seed_fits,
                                 "mean_max_responsibility": float(np.exp(log_resp).max(1).mean())}
         else:
             policies = [backend.new_policy(seed + 1000 * k) for k in range(K)]
@@ -321,7 +332,7 @@ class EMDPOStage(Trainer):
         for r in range(config.restarts):
             ckpt = _Checkpoint(root / f"r{r}", fingerprint)
             state, policies = run_em(ctx.backend, data, config, base_seed + r, ckpt,
-                                     f"{ctx.stage_name}{label} restart {r}", init_resp, ctx.executor)
+                                     f"{ctx.stage_name}{label} restart {r}", init_resp, ctx.executor, restart=r)
             runs.append((state["log_likelihood"][-1], r, state, policies))
         return max(runs, key=lambda t: t[0]), runs
 
