@@ -61,8 +61,10 @@ def test_fit_moves_policy_toward_preferences_and_roundtrips(tiny_model, tmp_path
 
 
 def test_weighted_loss_is_the_weighted_likelihood(tiny_model, tmp_path):
-    """One full batch, lr 0: the trainer's loss equals -sum w ll / sum w from independent scoring."""
-    be = _backend(tiny_model, tmp_path, train={"lr": 1e-3, "micro_batch_size": 32, "batch_size": 32})
+    """One full batch: the trainer's first loss (before its step) equals -sum w ll / sum w from
+    independent scoring."""
+    be = _backend(tiny_model, tmp_path, train={"lr": 1e-3, "micro_batch_size": 32, "batch_size": 32,
+                                               "lr_warmup_steps": 0})
     data = _pairs()
     policy = be.new_policy(0)
     be.fit(policy, data, np.ones(len(data)), warm=False)  # move away from the reference first
@@ -71,7 +73,6 @@ def test_weighted_loss_is_the_weighted_likelihood(tiny_model, tmp_path):
     ll = comparison_loglik(be.score(policy, data.prompts, data.responses), be.ref_score(data),
                            data.rankings, data.response_mask, be.beta)
     expected = -(w * ll).sum() / w.sum()
-    be.cfg.train.lr = 0.0
     stats = be.fit(policy, data, w, warm=True)
     assert stats["rows"] == int((w > 0).sum())
     assert stats["loss_first"] == pytest.approx(expected, rel=1e-4)

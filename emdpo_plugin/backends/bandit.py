@@ -20,6 +20,8 @@ from torch import nn
 from ..algorithms.likelihood import comparison_loglik
 from ..config import StrictModel
 from ..data.schema import ComparisonSet
+from ..errors import EmdpoError
+from .base import FitSchedule
 
 
 class BanditModelConfig(StrictModel):
@@ -113,7 +115,11 @@ class BanditBackend:
         return np.where(mask.numpy(), s, np.nan)
 
     def fit(self, policy: nn.Module, data: ComparisonSet, weights: np.ndarray, *, warm: bool = True,
-            desc: str = "") -> dict[str, Any]:
+            desc: str = "", schedule: FitSchedule | None = None) -> dict[str, Any]:
+        """Full-batch Adam at a constant lr: one step is one pass, so `schedule.steps` and
+        `schedule.epochs` (rounded) both count steps; `constant_lr` changes nothing here."""
+        if self.cfg.lr <= 0:
+            raise EmdpoError(f"{desc or 'fit'}: model.lr={self.cfg.lr} would train at learning rate 0")
         keep = np.asarray(weights) > 0
         ctx, idx, mask, rankings = (t[torch.as_tensor(keep)] for t in self._encoded(data))
         w = torch.as_tensor(np.asarray(weights)[keep], dtype=torch.float32)
@@ -122,6 +128,8 @@ class BanditBackend:
         if not warm:  # restart from the reference with the full schedule
             policy.load_state_dict(self.new_policy(self.seed).state_dict())
         steps = self.cfg.warm_epochs if warm else self.cfg.epochs
+        if schedule is not None and (schedule.steps or schedule.epochs):
+            steps = schedule.steps or max(1, round(schedule.epochs))
         params = list(policy.parameters())
         best = [p.detach().clone() for p in params]
         best_loss = float("inf")
@@ -142,7 +150,7 @@ class BanditBackend:
         with torch.no_grad():
             for p, b in zip(params, best):
                 p.copy_(b)
-        return {"loss": best_loss, "rows": int(keep.sum()), "steps": steps}
+        return {"loss": best_loss, "rows": int(keep.sum()), "steps": steps, "epochs": float(steps)}
 
     def _loss_fn(self, policy: nn.Sequential, ctx: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor,
                  rankings: torch.Tensor, w: torch.Tensor) -> Callable[[], torch.Tensor]:

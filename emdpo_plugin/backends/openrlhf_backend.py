@@ -28,6 +28,7 @@ from .. import dist
 from ..config import StrictModel
 from ..data.schema import ComparisonSet
 from ..errors import EmdpoError
+from .base import FitSchedule
 from .openrlhf_compat import apply_cpu_compat
 
 
@@ -41,11 +42,16 @@ class LoraSpec(StrictModel):
 class TrainSpec(StrictModel):
     micro_batch_size: int = 4
     batch_size: int = 16
-    max_epochs: int = 1
-    warm_epochs: int | None = None  # epochs of a warm-started M-step (default: max_epochs)
-    lr: float = 5e-7
-    lr_warmup_steps: int = 150
-    lr_scheduler: str = "cosine_with_min_lr"
+    max_epochs: int = Field(1, ge=1)
+    warm_epochs: int | None = Field(None, ge=1)  # epochs of a warm-started M-step (default: max_epochs)
+    lr: float = Field(5e-7, gt=0)
+    optimizer: Literal["adamw", "rmsprop"] = Field("adamw", description=(
+        "adamw: OpenRLHF's own DeepSpeed AdamW; rmsprop: torch.optim.RMSprop (alpha 0.99, eps 1e-8, "
+        "no momentum), the paper's optimiser, handed to DeepSpeed through its optimizer config"))
+    lr_warmup_steps: int = Field(150, ge=0)
+    lr_scheduler: str = Field("cosine_with_min_lr", description=(
+        "a transformers scheduler name: cosine_with_min_lr (OpenRLHF's default), constant_with_warmup "
+        "(the paper: warm-up then constant), linear, constant, ..."))
     min_lr_ratio: float = 0.1
     max_norm: float = 1.0
     adam_betas: tuple[float, float] = (0.9, 0.95)
@@ -110,6 +116,43 @@ def resolve_pretrain(pretrain: str, run_dir: Path | None) -> str:
     return str(local) if outputs.get("built") else outputs["model"]
 
 
+def use_torch_optimizer(strategy: Any, name: str, params: dict[str, Any]) -> None:
+    """Make this strategy's `prepare` train with `torch.optim.<name>(**params)` instead of AdamW.
+
+    The one hook for a client optimiser: OpenRLHF's `DeepspeedStrategy.prepare` always writes an
+    AdamW (or Muon) section into the DeepSpeed config it passes to `deepspeed.initialize`, and
+    DeepSpeed builds any `torch.optim` class named there (`engine._configure_basic_optimizer`).
+    This wraps `get_ds_train_config` on this strategy instance only and replaces that section;
+    ZeRO, clipping, the scheduler (which reads the optimiser's lr) and the engine stay the host's.
+    ZeRO stages 1-2 need `zero_allow_untested_optimizer` for optimisers outside DeepSpeed's list.
+    """
+    import torch.optim
+
+    if not hasattr(torch.optim, name):
+        raise EmdpoError(f"model.train.optimizer: torch.optim has no {name}")
+    original = strategy.get_ds_train_config  # the class's (CPU-compat-wrapped) bound method
+
+    def get_ds_train_config(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        ds_config = original(*args, **kwargs)
+        if "optimizer" in ds_config:  # absent on model-loading paths
+            ds_config["optimizer"] = {"type": name, "params": dict(params)}
+            ds_config["zero_allow_untested_optimizer"] = True
+        return ds_config
+
+    strategy.get_ds_train_config = get_ds_train_config
+
+
+def schedule_lrs(scheduler: Any, steps: int) -> list[float] | None:
+    """The learning rate of each of the fit's optimiser steps, read from the real scheduler.
+
+    transformers' schedulers are `LambdaLR`s: step s runs at base_lr * lr_lambda(s), and reading
+    the lambdas has no side effects. None if the scheduler is of another kind."""
+    lambdas, base = getattr(scheduler, "lr_lambdas", None), getattr(scheduler, "base_lrs", None)
+    if not lambdas or not base:
+        return None
+    return [float(base[0] * lambdas[0](s)) for s in range(steps)]
+
+
 class OpenRLHFBackend:
     """Implements the PolicyBackend verbs (backends/base.py) on OpenRLHF."""
 
@@ -154,6 +197,9 @@ class OpenRLHFBackend:
             overrides["ds.param_dtype"] = ds.param_dtype
         self.args = make_args(overrides)
         self.strategy = get_strategy(self.args)
+        if tr.optimizer == "rmsprop":
+            use_torch_optimizer(self.strategy, "RMSprop", {"lr": tr.lr, "alpha": 0.99, "eps": 1e-8,
+                                                          "weight_decay": tr.weight_decay, "momentum": 0.0})
         self.strategy.setup_distributed()
         world = self.strategy.world_size
         if tr.batch_size % (tr.micro_batch_size * world) != 0:
@@ -211,6 +257,13 @@ class OpenRLHFBackend:
         state = self.base_state if policy is None else policy.state
         for n in self.trainable:
             params[n].copy_(state[n])
+
+    def _restart(self, policy: LMPolicy) -> LMPolicy | None:
+        """Where a cold fit starts: the reference. With LoRA that is the policy's own A matrices
+        with B = 0 (so the start depends on the policy's seed, not on which process fits it)."""
+        if not self.lora:
+            return None
+        return LMPolicy({n: torch.zeros_like(t) if "lora_B" in n else t for n, t in policy.state.items()})
 
     def _reference(self):
         """Context in which the model is the reference: adapters off (LoRA) or base weights."""
@@ -323,35 +376,64 @@ class OpenRLHFBackend:
         return LMPolicy(self._snapshot())
 
     def fit(self, policy: LMPolicy, data: ComparisonSet, weights: np.ndarray, *, warm: bool = True,
-            desc: str = "") -> dict[str, Any]:
+            desc: str = "", schedule: FitSchedule | None = None) -> dict[str, Any]:
+        """Weighted DPO on the rows with weight > 0 through a fresh DeepSpeed engine.
+
+        Budget: `schedule.steps` optimiser steps, else `schedule.epochs` passes, else
+        `warm_epochs`/`max_epochs`; the micro-batch count is rounded up to whole optimiser steps
+        (a partial accumulation would never step). Schedule: the configured one with
+        `lr_warmup_steps` (capped at the fit's length), or a constant lr for `schedule.constant_lr`.
+        Refused with an `EmdpoError` if every optimiser step would run at lr 0."""
         from .weighted_dpo import WeightedComparisons, WeightedDPOTrainer
 
         keep = np.flatnonzero(np.asarray(weights) > 0)
         if len(keep) == 0:
-            return {"rows": 0, "steps": 0}
+            return {"rows": 0, "steps": 0, "epochs": 0.0}
         t = time.perf_counter()
         ref = self.ref_score(data)[keep]
         tokens = [[self._tokenize(data.prompts[i], r) for r in data.responses[i]] for i in keep]
         w = np.asarray(weights, dtype=np.float64)[keep]
         dataset = WeightedComparisons(tokens, data.rankings[keep], ref, w, self.tokenizer.pad_token_id)
-        self._activate(policy if warm else None)
+        self._activate(policy if warm else self._restart(policy))
         tr = self.cfg.train
-        epochs = (tr.warm_epochs or tr.max_epochs) if warm else tr.max_epochs
         loader = self.strategy.setup_dataloader(dataset, tr.micro_batch_size, True, True, dataset.collate_fn,
                                                 drop_last=False)
-        steps = max(1, math.ceil(len(loader) * epochs / self.strategy.accumulated_gradient))
+        accum = self.strategy.accumulated_gradient
+        schedule = schedule or FitSchedule()
+        if schedule.steps is not None:
+            micro = schedule.steps * accum
+        else:
+            epochs = schedule.epochs or ((tr.warm_epochs or tr.max_epochs) if warm else tr.max_epochs)
+            micro = max(1, round(len(loader) * epochs))
+        steps = math.ceil(micro / accum)
+        micro = steps * accum
+        if schedule.constant_lr:
+            sched_name, warmup = "constant", 0
+        else:
+            sched_name, warmup = tr.lr_scheduler, min(tr.lr_warmup_steps, steps)
         optim_cfg = {
             "optim": "adam",
             "adam": {"lr": tr.lr, "betas": tuple(tr.adam_betas), "eps": 1e-8, "weight_decay": tr.weight_decay},
-            "lr_scheduler": tr.lr_scheduler, "lr_warmup_ratio": min(1.0, tr.lr_warmup_steps / steps),
+            "lr_scheduler": sched_name, "lr_warmup_ratio": warmup / steps,
             "min_lr_ratio": tr.min_lr_ratio, "max_norm": tr.max_norm, "scheduler_steps": steps,
         }
         self.actor.model = self.module  # a fresh DeepSpeed engine (and optimizer state) per M-step
         actor, optim, scheduler = self.strategy.prepare((self.actor, optim_cfg))
+        lrs = schedule_lrs(scheduler, steps)
+        if lrs is not None and max(lrs) <= 0:
+            actor.model.destroy()
+            self.actor.model = self.module
+            raise EmdpoError(
+                f"{desc or 'fit'}: all {steps} optimiser step(s) would run at learning rate 0 under "
+                f"model.train.lr_scheduler={sched_name!r} with {warmup} warm-up step(s) "
+                f"(model.train.lr_warmup_steps={tr.lr_warmup_steps}, model.train.lr={tr.lr}); "
+                "lower lr_warmup_steps or give the fit more steps (batch_size, epochs, seed_steps)")
+        epochs_run = micro / len(loader)
         trainer = WeightedDPOTrainer(actor, self.strategy, self.tokenizer, optim, loader, scheduler,
                                      beta=self.beta, label_smoothing=self.label_smoothing,
-                                     mean_weight=float(w.mean()), max_epochs=epochs, max_norm=tr.max_norm,
-                                     nll_loss_coef=self.cfg.nll_loss_coef)
+                                     mean_weight=float(w.mean()), max_epochs=math.ceil(epochs_run),
+                                     max_norm=tr.max_norm, nll_loss_coef=self.cfg.nll_loss_coef,
+                                     max_micro_batches=micro)
         stats = trainer.fit(self.args, desc=desc or "M-step")
         engine = actor.model
         self.actor.model = self.module
@@ -359,10 +441,14 @@ class OpenRLHFBackend:
         # the engine's ZeRO/bf16 optimizer hooks every parameter's gradient: a later engine on the same
         # module would run these stale hooks too (seen on GPU with ZeRO-2), and its state would leak
         engine.destroy()
+        inner = getattr(optim, "optimizer", optim)  # DeepSpeed's wrapper (ZeRO) holds the torch optimiser
+        lr_info = {"scheduler": sched_name, "optimizer": type(inner).__name__, "warmup_steps": warmup}
+        if lrs is not None:
+            lr_info.update(mean=float(np.mean(lrs)), zero_steps=int(sum(v <= 0 for v in lrs)))
         del trainer, engine, optim, scheduler
-        n_tokens = epochs * sum(r.input_ids.shape[1] for row in tokens for r in row)  # real (unpadded) tokens
-        return {**stats, "rows": int(len(keep)), "epochs": epochs, "tokens": int(n_tokens),
-                "seconds": time.perf_counter() - t}
+        n_tokens = epochs_run * sum(r.input_ids.shape[1] for row in tokens for r in row)  # real (unpadded) tokens
+        return {**stats, "rows": int(len(keep)), "epochs": epochs_run, "optimizer_steps": steps,
+                "lr": lr_info, "tokens": int(n_tokens), "seconds": time.perf_counter() - t}
 
     @torch.no_grad()
     def sample(self, policy: LMPolicy, prompts: list[str], n: int, seed: int) -> list[list[str]]:

@@ -95,12 +95,14 @@ class WeightedDPOTrainer(DPOTrainer):
 
     def __init__(self, model, strategy, tokenizer, optim, train_dataloader, scheduler, *, beta: float,
                  label_smoothing: float, mean_weight: float, max_epochs: int, max_norm: float = 1.0,
-                 nll_loss_coef: float = 0.0) -> None:
+                 nll_loss_coef: float = 0.0, max_micro_batches: int | None = None) -> None:
         super().__init__(model, None, strategy, tokenizer, optim, train_dataloader, None, scheduler,
                          max_norm=max_norm, beta=beta, max_epochs=max_epochs)
         self.label_smoothing = label_smoothing
         self.nll_loss_coef = nll_loss_coef
         self.mean_weight = mean_weight  # over the whole weighted set: minibatch losses are unbiased
+        # a budget in micro-batches (whole optimiser steps) that may end inside an epoch
+        self.max_micro_batches = max_micro_batches or max_epochs * len(train_dataloader)
 
     def fit(self, args, consumed_samples=0, num_update_steps_per_epoch=None, desc: str = "M-step") -> dict:
         # the host's conventions: -1 means once per epoch (eval) and never (checkpoints)
@@ -111,7 +113,7 @@ class WeightedDPOTrainer(DPOTrainer):
         device = next(self.model.parameters()).device
         losses: list[float] = []
         step = 1
-        bar = tqdm(total=self.epochs * len(self.train_dataloader), desc=desc, leave=False,
+        bar = tqdm(total=self.max_micro_batches, desc=desc, leave=False,
                    disable=not self.strategy.is_rank_0())
         for epoch in range(self.epochs):
             sampler = getattr(self.train_dataloader, "sampler", None)
@@ -119,6 +121,8 @@ class WeightedDPOTrainer(DPOTrainer):
                 sampler.set_epoch(epoch)
             self.model.train()
             for batch, response_mask, rankings, ref, weights in self.train_dataloader:
+                if step > self.max_micro_batches:
+                    break
                 batch.input_ids = batch.input_ids.to(device)
                 batch.attention_mask = batch.attention_mask.to(device)
                 logps, token_means = sequence_logps(self.model, batch, self.strategy.ring_attn_group)

@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import Field
 
 from ..algorithms.likelihood import comparison_loglik
+from ..backends.base import FitSchedule
 from ..config import StrictModel
 from ..data.schema import ComparisonSet
 
@@ -40,6 +41,7 @@ class FitJob:
     weights: np.ndarray
     warm: bool
     desc: str
+    schedule: FitSchedule | None = None  # the fit's own budget/schedule (EM seeding, dpo_matched)
 
 
 class Executor(Protocol):
@@ -76,7 +78,7 @@ class LocalExecutor:
         out = []
         for j in jobs:
             start = time.time()
-            out.append(backend.fit(j.policy, data, j.weights, warm=j.warm, desc=j.desc))
+            out.append(backend.fit(j.policy, data, j.weights, warm=j.warm, desc=j.desc, schedule=j.schedule))
             self.timeline.append({"desc": j.desc, "start": start, "end": time.time(), "worker": "local"})
         return out
 

@@ -94,11 +94,11 @@ class TypeWorker(BaseDistributedActor):
         return self._datasets[key]
 
     def fit(self, policy: Any, key: str, holder: list[Any], weights: np.ndarray, warm: bool,
-            desc: str) -> tuple[Any, dict[str, Any], float, float]:
+            desc: str, schedule: Any = None) -> tuple[Any, dict[str, Any], float, float]:
         backend, data = self.backend(), self.dataset(key, holder)
         _refresh_reference_cache(backend, data)
         start = time.time()
-        stats = backend.fit(policy, data, np.array(weights), warm=warm, desc=desc)  # a writable copy (the store's is read-only)
+        stats = backend.fit(policy, data, np.array(weights), warm=warm, desc=desc, schedule=schedule)  # a writable copy (the store's is read-only)
         return (policy if self._rank == 0 else None), stats, start, time.time()  # rank 0's state is the result
 
     def loglik(self, policies: list[Any], key: str, holder: list[Any], lo: int, hi: int,
@@ -315,7 +315,7 @@ class RayExecutor:
             policy = ray.put(job.policy)
             weights = np.asarray(job.weights, dtype=np.float64)
             for rank, actor in enumerate(group.actors):
-                refs.append(actor.fit.remote(policy, key, holder, weights, job.warm, job.desc))
+                refs.append(actor.fit.remote(policy, key, holder, weights, job.warm, job.desc, job.schedule))
                 labels.append(f"{job.desc!r} on actor {group.name} rank {rank}")
         results = self._gather(refs, labels)
         stats, pos = [], 0

@@ -72,11 +72,14 @@ class ClusterDPOStage(Trainer):
         backend, out, names = ctx.backend, ctx.out_dir, {}
         jobs = [FitJob(backend.new_policy(seed + 1000 * k), resp[data.annotator_index, k], False,
                        f"{ctx.stage_name} cluster{k}") for k in range(config.K)]
-        ctx.executor.fit_many(backend, data, jobs)
-        for k, job in enumerate(jobs):
+        fits = ctx.executor.fit_many(backend, data, jobs)
+        seen = {}
+        for k, (job, fit) in enumerate(zip(jobs, fits)):
             backend.save(job.policy, out / f"type{k}")
             names[f"{ctx.stage_name}/type{k}"] = rel_path(ctx, out / f"type{k}")
+            seen[f"{ctx.stage_name}/type{k}"] = float(fit.get("epochs", 0.0))  # passes over its cluster's rows
         clustering = {"annotator_ids": data.annotator_ids, "responsibilities": resp.tolist(),
                       "eta": resp.mean(axis=0).tolist(), "log_likelihood": [], "embedder": config.embedder}
         (out / "clustering.json").write_text(json.dumps(clustering))
-        return {"policies": names, "clustering": rel_path(ctx, out / "clustering.json"), "eta": clustering["eta"]}
+        return {"policies": names, "clustering": rel_path(ctx, out / "clustering.json"), "eta": clustering["eta"],
+                "epochs_seen": seen}

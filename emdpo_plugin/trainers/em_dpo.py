@@ -1,17 +1,39 @@
 """`em_dpo` stage: soft EM over latent annotator types (paper Algorithm 1).
 
-Each iteration: M-step (a weighted DPO per type, warm-started from the previous policies unless
-`warm_start: false`, plus the closed-form eta update), then E-step (score every comparison under every type, posterior
-per annotator in log space). The observed log-likelihood is recorded every iteration.
+Default start, as Algorithm 1: K seeded type policies (really trained, see below), eta_0 = 1/K,
+an E-step under those policies, then alternate M-step (a weighted DPO per type plus the
+closed-form eta update) and E-step (every comparison scored under every type, posterior per
+annotator in log space). The observed log-likelihood is recorded every iteration.
 
-Initialisation: every type starts at the reference, so EM would sit at its symmetric fixed
-point. Two seeded ways out: `init: seeded` (default) is k-means++ in likelihood space: type 0 is
-fitted to one random annotator's comparisons, each next type to an annotator drawn with
-probability proportional to the squared per-comparison NLL under the closest type so far;
-the first E-step starts from those policies. `init: dirichlet` draws random soft assignments
-instead (slower to separate small groups). `restarts` runs EM from several seeds and keeps the
-run with the best final log-likelihood.
+Seeding (`init: seeded`): every type would otherwise start at the reference, EM's symmetric
+fixed point. Split seeding: type 0 is fitted to every comparison, each next type to the
+annotators the types so far explain worse than average (mean NLL per comparison under the
+closest type). Each seeding fit is real training: the backend's from-reference budget (or
+`seed_epochs` passes) at a constant learning rate, since a warm-up can leave a short fit at lr
+0; the backends refuse any fit whose every step would run at lr 0. So symmetry is broken by
+training, never only by a random adapter initialisation (full fine-tuning has none). Fitting a
+type to one annotator's comparisons (k-means++ style, tried first) does not work on language
+models: 25 comparisons are memorised, not generalised, and the first E-step was no better than
+chance on the CPU recipe's data. `init: dirichlet` draws random soft assignments instead. K = 1
+needs no seeding: one type from the reference, i.e. DPO on every comparison.
 
+Departure (opt-in): `inputs: {init: <clustering stage>}` starts from another stage's hard
+assignments (smoothed by `init_smoothing`) instead, which makes EM depend on that baseline.
+
+Warm start: with `warm_start: true` an M-step continues from the type's previous policy
+(`warm_epochs` passes); `false` refits each M-step from the reference for one schedule
+(`max_epochs`), so each final policy has the same budget as the `dpo` baseline.
+
+Model selection: `K: [1, 2, 3, 4]` holds out `heldout_fraction` of each annotator's
+comparisons, runs EM for each K on the rest, scores the held-out comparisons by each
+annotator's posterior predictive log-likelihood `sum_i log sum_k g_ik prod_{j held out}
+sigma_k(ij)` (g from the annotator's training comparisons), chooses the K with the highest
+score, and refits that K on all comparisons (so the stage costs len(K) + 1 EM runs). Scores
+go to the outputs and clustering.json (`model_selection`, `chosen_K`): a user learns whether
+the annotators differ at all (K = 1 wins when they do not).
+
+`restarts` runs EM from several seeds and keeps the run with the best final log-likelihood;
+restart r > 0 seeds type 0 on a bootstrap resample of the annotators, so restarts differ.
 A checkpoint is written after every finished iteration; a killed run resumed with the same
 config continues from the last finished iteration.
 """
@@ -26,11 +48,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
+from scipy.special import logsumexp
 from tqdm.auto import tqdm
 
 from ..algorithms.em import annotator_loglik, comparison_weights, dirichlet_responsibilities, e_step, update_eta
+from ..backends.base import FitSchedule
 from ..data.schema import ComparisonSet
+from ..errors import RecipeError
 from ..executors import Executor, FitJob, LocalExecutor
 from .base import StageConfig, StageContext, Trainer
 from .common import dataset_from, rel_path, run_path
@@ -40,38 +65,86 @@ LOCAL = LocalExecutor()
 
 
 class EMConfig(StageConfig):
-    K: int = Field(2, ge=1, description="number of latent annotator types")
+    K: int | list[int] = Field(2, description="number of latent annotator types, or a list to choose from by held-out log-likelihood")
     iterations: int = Field(10, ge=1, description="maximum EM iterations")
     tol: float = Field(0.0, ge=0, description="stop when the log-likelihood gains less than tol (relative)")
     min_responsibility: float = Field(0.0, ge=0, lt=1, description="M-step skips rows whose annotator's g_ik is below this")
     init: Literal["seeded", "dirichlet"] = Field("seeded", description="symmetry breaking: likelihood k-means++ seeding or random responsibilities (ignored when inputs.init names a clustering stage)")
+    seed_epochs: float | None = Field(None, gt=0, description="passes of each seeding fit (default: the backend's from-reference budget, model.train.max_epochs or the bandit's epochs), always at a constant learning rate")
     init_smoothing: float = Field(0.1, ge=0, lt=1, description="inputs.init: hard assignments g become (1-s) g + s/K")
     init_concentration: float = Field(1.0, gt=0, description="Dirichlet concentration (init: dirichlet)")
-    warm_start: bool = Field(True, description="M-steps continue from the previous policies; false: each M-step refits from the reference (same budget for every type)")
+    warm_start: bool = Field(True, description="M-steps continue from the previous policies (warm_epochs); false: each M-step refits from the reference for max_epochs (the dpo baseline's budget per final policy)")
+    heldout_fraction: float = Field(0.2, gt=0, lt=1, description="K list: share of each annotator's comparisons held out to score each K")
     restarts: int = Field(1, ge=1, description="EM runs from different seeds; the best log-likelihood wins")
     seed: int | None = None
 
+    @field_validator("K")
+    @classmethod
+    def _check_k(cls, v: int | list[int]) -> int | list[int]:
+        ks = [v] if isinstance(v, int) else v
+        if not ks or any(k < 1 for k in ks) or len(set(ks)) != len(ks):
+            raise ValueError("K must be a positive int or a non-empty list of distinct positive ints")
+        return v
+
+    @property
+    def candidates(self) -> list[int]:
+        return [self.K] if isinstance(self.K, int) else list(self.K)
+
 
 def seed_policies(backend: Any, data: ComparisonSet, ref: np.ndarray, K: int, seed: int,
-                  executor: Executor = LOCAL) -> list[Any]:
-    """k-means++ in likelihood space: one annotator's comparisons per type, spread-out annotators."""
+                  executor: Executor = LOCAL, epochs: float | None = None, bootstrap: bool = False
+                  ) -> tuple[list[Any], np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """Split seeding: K really trained type policies that differ where the annotators do.
+
+    Type 0 is fitted to every comparison (`bootstrap`: to a bootstrap resample of the annotators,
+    weight = times drawn, so EM restarts start apart); type k to the annotators whose comparisons the types
+    so far explain worse than average (mean NLL per comparison under the closest type above the
+    mean over annotators; a random half if all are explained equally well). One annotator's
+    comparisons are too few to carry a taste that generalises: fitted to them, a language
+    model memorises (measured on the CPU recipe: first E-step ARI about 0 whatever the budget).
+    Each fit: `epochs` passes (None: the backend's from-reference budget) at a constant learning
+    rate, so no warm-up can leave it at lr 0. Returns (policies, comparison
+    log-likelihoods (n, K) under them, passes (n, K) each row received, each fit's stats)."""
     rng = np.random.default_rng(seed)
     idx, n = data.annotator_index, data.n_annotators
-    per_annotator = np.bincount(idx, minlength=n)
-    nll = np.full(n, np.inf)
-    chosen = [int(rng.integers(n))]
-    policies: list[Any] = []
+    per_annotator = np.maximum(np.bincount(idx, minlength=n), 1)
+    schedule = FitSchedule(epochs=epochs, constant_lr=True)
+    policies, cols, fits = [], [], []
+    passes = np.zeros((len(data), K))
     for k in range(K):
+        if k == 0:
+            drawn = np.bincount(rng.integers(n, size=n), minlength=n) if bootstrap else np.ones(n)
+            chosen, mask = drawn > 0, drawn[idx].astype(np.float64)
+        else:
+            nll = -annotator_loglik(np.stack(cols, axis=1), idx, n).max(axis=1) / per_annotator
+            chosen = nll > nll.mean() + 1e-9 * abs(nll.mean())
+            if not chosen.any():  # no annotator stands out: nothing to follow but chance
+                chosen = rng.random(n) < 0.5
+            mask = chosen[idx].astype(np.float64)
         policy = backend.new_policy(seed + 1000 * k)
-        backend.fit(policy, data, (idx == chosen[-1]).astype(np.float64), warm=False, desc=f"seed type{k}")
+        fit = executor.fit_many(backend, data, [FitJob(policy, mask, False, f"seed type{k}", schedule)])[0]
+        passes[:, k] = fit.get("epochs", 0.0) * (mask > 0)
+        fits.append({**fit, "annotators": int(chosen.sum())})
         policies.append(policy)
-        if k == K - 1:
-            break
-        ll = executor.loglik_many(backend, [policy], data, ref)
-        nll = np.minimum(nll, -annotator_loglik(ll, idx, n)[:, 0] / np.maximum(per_annotator, 1))
-        d2 = np.where(np.isin(np.arange(n), chosen), 0.0, nll**2)
-        chosen.append(int(rng.choice(n, p=d2 / d2.sum())) if d2.sum() > 0 else int(rng.integers(n)))
-    return policies
+        cols.append(executor.loglik_many(backend, [policy], data, ref)[:, 0])
+    return policies, np.stack(cols, axis=1), passes, fits
+
+
+def epochs_seen(passes: np.ndarray, log_resp: np.ndarray, annotator_index: np.ndarray) -> list[float]:
+    """Training passes each type policy received, one number per type.
+
+    `passes[j, k]` counts the passes over comparison j by the fits the type-k policy descends
+    from: seeding and every M-step it kept; a fit from the reference (`warm_start: false`)
+    resets the count, and a fit the generalised-EM guard rejected adds nothing. The type's
+    number is the mean of passes[:, k] over comparisons weighted by the final responsibility of
+    their annotator for type k: how often, on average, the type's own data was trained on. For
+    plain DPO this is its epochs; warm-started EM gives about iterations x warm_epochs."""
+    g = np.exp(np.asarray(log_resp))[annotator_index]
+    out = []
+    for k in range(passes.shape[1]):
+        w = g[:, k]
+        out.append(float(passes[:, k] @ w / w.sum()) if w.sum() > 0 else float(passes[:, k].mean()))
+    return out
 
 
 class _Checkpoint:
@@ -80,7 +153,7 @@ class _Checkpoint:
     def __init__(self, root: Path, fingerprint: str) -> None:
         self.root, self.fingerprint = root, fingerprint
 
-    def load(self, backend: Any) -> tuple[dict[str, Any], list[Any], np.ndarray] | None:
+    def load(self, backend: Any) -> tuple[dict[str, Any], list[Any], np.ndarray, np.ndarray] | None:
         state_file = self.root / "state.json"
         if not state_file.exists():
             return None
@@ -88,15 +161,20 @@ class _Checkpoint:
         if state.get("fingerprint") != self.fingerprint:
             return None
         policies = [backend.load(self.root / f"type{k}") for k in range(len(state["eta"]))]
-        return state, policies, np.load(self.root / "comparison_ll.npy")
+        ll = np.load(self.root / "comparison_ll.npy")
+        passes_file = self.root / "passes.npy"
+        passes = np.load(passes_file) if passes_file.exists() else np.zeros_like(ll)
+        return state, policies, ll, passes
 
-    def save(self, backend: Any, state: dict[str, Any], policies: list[Any], comparison_ll: np.ndarray) -> None:
+    def save(self, backend: Any, state: dict[str, Any], policies: list[Any], comparison_ll: np.ndarray,
+             passes: np.ndarray) -> None:
         tmp = self.root.with_name(self.root.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for k, p in enumerate(policies):
             backend.save(p, tmp / f"type{k}")
         np.save(tmp / "comparison_ll.npy", comparison_ll)
+        np.save(tmp / "passes.npy", passes)
         (tmp / "state.json").write_text(json.dumps({**state, "fingerprint": self.fingerprint}))
         old = self.root.with_name(self.root.name + ".old")
         if self.root.exists():
@@ -127,37 +205,59 @@ def m_step(backend: Any, policies: list[Any], data: ComparisonSet, weights: np.n
 
 
 def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _Checkpoint, desc: str,
-           init_resp: np.ndarray | None = None, executor: Executor = LOCAL) -> tuple[dict[str, Any], list[Any]]:
-    """One EM run from one seed; returns (state, policies). Resumes from `ckpt` if present.
+           init_resp: np.ndarray | None = None, executor: Executor = LOCAL,
+           restart: int = 0) -> tuple[dict[str, Any], list[Any]]:
+    """One EM run from one seed with `cfg.K` types (an int); returns (state, policies).
 
-    `init_resp` (annotators x K), e.g. another stage's clustering, replaces the seeded start."""
+    Resumes from `ckpt` if present. `init_resp` (annotators x K), e.g. another stage's
+    clustering, replaces the seeded start. `state["epochs_seen"]` holds each type's training
+    passes (see `epochs_seen`)."""
+    K = cfg.K
+    assert isinstance(K, int), "run_em takes one K; the stage selects among several"
     ref = backend.ref_score(data)  # once per dataset, never inside the loop
     loaded = ckpt.load(backend)
+    seeded = init_resp is None and cfg.init == "seeded" and K > 1
     if loaded is not None:
-        state, policies, ll = loaded
+        state, policies, ll, passes = loaded
         if state["done"]:
             return state, policies
         state.setdefault("resumed_from_iteration", []).append(state["iteration"])
         log_resp = np.array(state["log_resp"])
     else:
         ll = None
-        if init_resp is not None:
-            policies = [backend.new_policy(seed + 1000 * k) for k in range(cfg.K)]
-            log_resp = np.log((1 - cfg.init_smoothing) * init_resp + cfg.init_smoothing / cfg.K)
-        elif cfg.init == "seeded":
-            policies = seed_policies(backend, data, ref, cfg.K, seed, executor)
-            ll = executor.loglik_many(backend, policies, data, ref)
-            log_resp = e_step(ll, data.annotator_index, data.n_annotators, np.full(cfg.K, 1.0 / cfg.K)).log_resp
-        else:
-            policies = [backend.new_policy(seed + 1000 * k) for k in range(cfg.K)]
-            log_resp = np.log(dirichlet_responsibilities(data.n_annotators, cfg.K, seed, cfg.init_concentration))
+        passes = np.zeros((len(data), K))
         state = {"iteration": 0, "log_likelihood": [], "eta_trace": [], "fit": [], "done": False}
+        if init_resp is not None:
+            policies = [backend.new_policy(seed + 1000 * k) for k in range(K)]
+            log_resp = np.log((1 - cfg.init_smoothing) * init_resp + cfg.init_smoothing / K)
+            state["start"] = "clustering"
+        elif K == 1:  # nothing to break: one type from the reference, every comparison weight 1
+            policies = [backend.new_policy(seed)]
+            log_resp = np.zeros((data.n_annotators, 1))
+            state["start"] = "single type"
+        elif cfg.init == "seeded":  # Algorithm 1: eta_0 = 1/K, E-step under the seeded policies
+            policies, ll, passes, seed_fits = seed_policies(backend, data, ref, K, seed, executor, cfg.seed_epochs,
+                                                            bootstrap=restart > 0)
+            est = e_step(ll, data.annotator_index, data.n_annotators, np.full(K, 1.0 / K))
+            log_resp = est.log_resp
+            state["start"] = "seeded"
+            state["seeding"] = {"epochs": cfg.seed_epochs, "fits": seed_fits,
+                                "mean_max_responsibility": float(np.exp(log_resp).max(1).mean())}
+        else:
+            policies = [backend.new_policy(seed + 1000 * k) for k in range(K)]
+            log_resp = np.log(dirichlet_responsibilities(data.n_annotators, K, seed, cfg.init_concentration))
+            state["start"] = "dirichlet"
     bar = tqdm(total=cfg.iterations, initial=state["iteration"], desc=desc, leave=False)
     while state["iteration"] < cfg.iterations:
         eta = update_eta(log_resp)
         weights = comparison_weights(np.exp(log_resp), data.annotator_index, cfg.min_responsibility)
-        warm = cfg.warm_start and (state["iteration"] > 0 or (cfg.init == "seeded" and init_resp is None))
+        warm = cfg.warm_start and (state["iteration"] > 0 or seeded)
         policies, ll, fits = m_step(backend, policies, data, weights, ref, ll, warm, desc, executor)
+        for k, f in enumerate(fits):
+            if f.get("kept_previous"):
+                continue
+            trained = (weights[:, k] > 0) * float(f.get("epochs", 0.0))
+            passes[:, k] = passes[:, k] + trained if warm else trained
         est = e_step(ll, data.annotator_index, data.n_annotators, eta)
         log_resp = est.log_resp
         trace = state["log_likelihood"]
@@ -166,10 +266,11 @@ def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _C
         state["eta_trace"].append(eta.tolist())
         state["fit"].append(fits)
         state["iteration"] += 1
-        state.update(eta=eta.tolist(), log_resp=log_resp.tolist())
+        state.update(eta=eta.tolist(), log_resp=log_resp.tolist(),
+                     epochs_seen=epochs_seen(passes, log_resp, data.annotator_index))
         converged = abs(gain) <= cfg.tol * abs(est.log_likelihood)
         state["done"] = converged or state["iteration"] >= cfg.iterations
-        ckpt.save(backend, state, policies, ll)
+        ckpt.save(backend, state, policies, ll, passes)
         bar.update(1)
         bar.set_postfix(loglik=f"{est.log_likelihood:.3f}", eta=np.round(eta, 3).tolist())
         if converged:
@@ -178,10 +279,32 @@ def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _C
     return state, policies
 
 
+def heldout_split(data: ComparisonSet, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of held-out rows: round(fraction x m_i) of each annotator's m_i comparisons,
+    at least one where m_i >= 2 and never all of them (every annotator keeps training rows)."""
+    rng = np.random.default_rng(seed)
+    held = np.zeros(len(data), dtype=bool)
+    for a in range(data.n_annotators):
+        rows = np.flatnonzero(data.annotator_index == a)
+        if len(rows) < 2:
+            continue
+        n = min(len(rows) - 1, max(1, round(fraction * len(rows))))
+        held[rng.choice(rows, size=n, replace=False)] = True
+    return held
+
+
+def heldout_loglik(backend: Any, policies: list[Any], log_resp: np.ndarray, held: ComparisonSet,
+                   executor: Executor = LOCAL) -> float:
+    """Posterior predictive log-likelihood of held-out comparisons:
+    `sum_i log sum_k g_ik prod_{j held out} sigma_k(ij)`, g from the annotator's training rows."""
+    ll = executor.loglik_many(backend, policies, held, backend.ref_score(held))
+    per_annotator = annotator_loglik(ll, held.annotator_index, held.n_annotators)
+    has = np.bincount(held.annotator_index, minlength=held.n_annotators) > 0
+    return float(logsumexp(np.asarray(log_resp) + per_annotator, axis=1)[has].sum())
+
+
 def clustering_from(ctx: StageContext, outputs: dict[str, Any], annotator_ids: list[str], K: int) -> np.ndarray:
     """Responsibilities recorded by a clustering stage, aligned to this dataset's annotators."""
-    from ..errors import RecipeError
-
     if not outputs.get("clustering"):
         raise RecipeError(f"stages.{ctx.stage_name}.inputs.init: that stage produced no clustering")
     cl = json.loads(run_path(ctx, outputs["clustering"]).read_text())
@@ -200,42 +323,70 @@ class EMDPOStage(Trainer):
     description = "EM-DPO: soft EM over K latent annotator types, each M-step a weighted DPO."
     Config = EMConfig
     input_slots = {"dataset": "a stage that produced a dataset (data)",
-                   "init": "a clustering stage (cluster_dpo) whose assignments start EM"}
+                   "init": "optional departure from Algorithm 1: a clustering stage (cluster_dpo) whose assignments start EM"}
     required_inputs = ("dataset",)
+
+    def _best_of_restarts(self, ctx: StageContext, data: ComparisonSet, config: EMConfig, root: Path,
+                          fingerprint: str, base_seed: int, init_resp: np.ndarray | None, label: str):
+        runs = []
+        for r in range(config.restarts):
+            ckpt = _Checkpoint(root / f"r{r}", fingerprint)
+            state, policies = run_em(ctx.backend, data, config, base_seed + r, ckpt,
+                                     f"{ctx.stage_name}{label} restart {r}", init_resp, ctx.executor, restart=r)
+            runs.append((state["log_likelihood"][-1], r, state, policies))
+        return max(runs, key=lambda t: t[0]), runs
 
     def run(self, ctx: StageContext, config: EMConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         data = dataset_from(ctx, inputs["dataset"]).train
-        init_resp = None
-        if "init" in inputs:
-            init_resp = clustering_from(ctx, inputs["init"], data.annotator_ids, config.K)
-        backend = ctx.backend
+        candidates = config.candidates
         base_seed = ctx.seed if config.seed is None else config.seed
         fingerprint = hashlib.sha256(json.dumps([config.model_dump(), ctx.recipe.get("model", {}),
                                                  inputs["dataset"]], sort_keys=True, default=str).encode()).hexdigest()
-        runs = []
-        for r in range(config.restarts):
-            ckpt = _Checkpoint(ctx.out_dir / "restarts" / f"r{r}", fingerprint)
-            state, policies = run_em(backend, data, config, base_seed + r, ckpt, f"{ctx.stage_name} restart {r}", init_resp,
-                                     ctx.executor)
-            runs.append((state["log_likelihood"][-1], r, state, policies))
-        best_ll, best_r, state, policies = max(runs, key=lambda t: t[0])
+        init_resp = None
+        if "init" in inputs:
+            if len(candidates) > 1:
+                raise RecipeError(f"stages.{ctx.stage_name}.inputs.init: a clustering start needs one K, config.K is {config.K}")
+            init_resp = clustering_from(ctx, inputs["init"], data.annotator_ids, candidates[0])
+        selection: dict[str, Any] | None = None
+        if len(candidates) > 1:
+            held = heldout_split(data, config.heldout_fraction, base_seed)
+            train, test = data.subset(~held), data.subset(held)
+            scores = {}
+            for K in candidates:
+                (_, _, state, policies), _ = self._best_of_restarts(
+                    ctx, train, config.model_copy(update={"K": K}), ctx.out_dir / "select" / f"K{K}",
+                    fingerprint, base_seed, None, f" K={K}")
+                scores[str(K)] = heldout_loglik(ctx.backend, policies, np.array(state["log_resp"]), test, ctx.executor)
+            chosen_K = int(max(scores, key=lambda k: scores[k]))
+            selection = {"criterion": "heldout_loglik", "heldout_fraction": config.heldout_fraction,
+                         "heldout_comparisons": int(held.sum()), "model_selection": scores, "chosen_K": chosen_K}
+        K = selection["chosen_K"] if selection else candidates[0]
+        (best_ll, best_r, state, policies), runs = self._best_of_restarts(
+            ctx, data, config.model_copy(update={"K": K}), ctx.out_dir / "restarts", fingerprint, base_seed,
+            init_resp, "")
         out = ctx.out_dir
         names = {}
         for k, p in enumerate(policies):
-            backend.save(p, out / f"type{k}")
+            ctx.backend.save(p, out / f"type{k}")
             names[f"{ctx.stage_name}/type{k}"] = rel_path(ctx, out / f"type{k}")
+        seen = dict(zip(names, state.get("epochs_seen", [0.0] * K)))
         clustering = {
             "annotator_ids": data.annotator_ids,
             "responsibilities": np.exp(np.array(state["log_resp"])).tolist(),
             "eta": state["eta"],
             "log_likelihood": state["log_likelihood"],
             "eta_trace": state["eta_trace"],
+            "start": state.get("start"),
+            "seeding": state.get("seeding"),
             "restarts": [{"restart": r, "final_log_likelihood": ll} for ll, r, _, _ in runs],
             "chosen_restart": best_r,
             "resumed_from_iteration": state.get("resumed_from_iteration", []),
+            **(selection or {}),
         }
         (out / "clustering.json").write_text(json.dumps(clustering))
         return {"policies": names, "clustering": rel_path(ctx, out / "clustering.json"),
                 "rows_trained_per_iteration": [[f.get("rows") for f in it] for it in state["fit"]],
-                "backend_stats": dict(getattr(backend, "stats", {})),
-                "iterations": state["iteration"], "log_likelihood": best_ll, "eta": state["eta"]}
+                "epochs_seen": seen, "start": state.get("start"),
+                "backend_stats": dict(getattr(ctx.backend, "stats", {})),
+                "iterations": state["iteration"], "log_likelihood": best_ll, "eta": state["eta"],
+                **({"model_selection": selection["model_selection"], "chosen_K": K} if selection else {})}
