@@ -189,7 +189,8 @@ def test_reduced_cpu_recipe_full_fine_tuning_seeded_em_separates_groups(tmp_path
     recipe.write_text(f"extends: {ROOT / 'recipes' / 'emdpo_imdb_cpu.yaml'}\nname: reduced_fullft\n"
                       f"stages:\n{drops}")
     out = tmp_path / "run"
-    sets = ["model.lora.rank=0", "model.train.lr=2.0e-4", "data.config.users=40", "data.config.test_size=8",
+    sets = ["model.lora.rank=0", "model.train.lr=2.0e-4", "data.config.users=40", "data.config.pairs_per_user=50",
+            "data.config.test_size=8",
             "stages.sft.config.sft_steps=60", "stages.em.config.iterations=2"]
     args = [OPENRLHF, "run", str(recipe), "--output-dir", str(out)]
     for s in sets:
