@@ -70,6 +70,9 @@ class EMConfig(StageConfig):
     tol: float = Field(0.0, ge=0, description="stop when the log-likelihood gains less than tol (relative)")
     min_responsibility: float = Field(0.0, ge=0, lt=1, description="M-step skips rows whose annotator's g_ik is below this")
     init: Literal["seeded", "dirichlet"] = Field("seeded", description="symmetry breaking: likelihood k-means++ seeding or random responsibilities (ignored when inputs.init names a clustering stage)")
+    seeding: Literal["split", "annotator"] = Field("split", description=(
+        "init: seeded: split (type 0 on everyone, next types on the worse-explained annotators; for LMs) or "
+        "annotator (likelihood k-means++ over single annotators; for small tabular policies such as the bandit)"))
     seed_epochs: float | None = Field(None, gt=0, description="passes of each seeding fit (default: the backend's from-reference budget, model.train.max_epochs or the bandit's epochs), always at a constant learning rate")
     init_smoothing: float = Field(0.1, ge=0, lt=1, description="inputs.init: hard assignments g become (1-s) g + s/K")
     init_concentration: float = Field(1.0, gt=0, description="Dirichlet concentration (init: dirichlet)")
@@ -92,8 +95,8 @@ class EMConfig(StageConfig):
 
 
 def seed_policies(backend: Any, data: ComparisonSet, ref: np.ndarray, K: int, seed: int,
-                  executor: Executor = LOCAL, epochs: float | None = None, bootstrap: bool = False
-                  ) -> tuple[list[Any], np.ndarray, np.ndarray, list[dict[str, Any]]]:
+                  executor: Executor = LOCAL, epochs: float | None = None, bootstrap: bool = False,
+                  mode: str = "split") -> tuple[list[Any], np.ndarray, np.ndarray, list[dict[str, Any]]]:
     """Split seeding: K really trained type policies that differ where the annotators do.
 
     Type 0 is fitted to every comparison (`bootstrap`: to a bootstrap resample of the annotators,
@@ -104,7 +107,13 @@ def seed_policies(backend: Any, data: ComparisonSet, ref: np.ndarray, K: int, se
     model memorises (measured on the CPU recipe: first E-step ARI about 0 whatever the budget).
     Each fit: `epochs` passes (None: the backend's from-reference budget) at a constant learning
     rate, so no warm-up can leave it at lr 0. Returns (policies, comparison
-    log-likelihoods (n, K) under them, passes (n, K) each row received, each fit's stats)."""
+    log-likelihoods (n, K) under them, passes (n, K) each row received, each fit's stats).
+
+    `mode: annotator` is k-means++ in likelihood space instead: type 0 fitted to one random
+    annotator, each next type to an annotator drawn with probability proportional to its squared
+    mean NLL under the closest type so far. It suits small policies whose types one annotator's
+    comparisons pin down (the bandit: measured to recover all three groups there, where the split
+    start merges the smallest group); it does not suit language models (see above)."""
     rng = np.random.default_rng(seed)
     idx, n = data.annotator_index, data.n_annotators
     per_annotator = np.maximum(np.bincount(idx, minlength=n), 1)
@@ -112,7 +121,17 @@ def seed_policies(backend: Any, data: ComparisonSet, ref: np.ndarray, K: int, se
     policies, cols, fits = [], [], []
     passes = np.zeros((len(data), K))
     for k in range(K):
-        if k == 0:
+        if mode == "annotator":
+            if k == 0:
+                pick = int(rng.integers(n))
+            else:
+                nll = -annotator_loglik(np.stack(cols, axis=1), idx, n).max(axis=1) / per_annotator
+                d2 = np.clip(nll, 0, None) ** 2
+                d2[[f["annotator"] for f in fits]] = 0.0
+                pick = int(rng.choice(n, p=d2 / d2.sum())) if d2.sum() > 0 else int(rng.integers(n))
+            chosen = np.arange(n) == pick
+            mask = chosen[idx].astype(np.float64)
+        elif k == 0:
             drawn = np.bincount(rng.integers(n, size=n), minlength=n) if bootstrap else np.ones(n)
             chosen, mask = drawn > 0, drawn[idx].astype(np.float64)
         else:
@@ -124,7 +143,8 @@ def seed_policies(backend: Any, data: ComparisonSet, ref: np.ndarray, K: int, se
         policy = backend.new_policy(seed + 1000 * k)
         fit = executor.fit_many(backend, data, [FitJob(policy, mask, False, f"seed type{k}", schedule)])[0]
         passes[:, k] = fit.get("epochs", 0.0) * (mask > 0)
-        fits.append({**fit, "annotators": int(chosen.sum())})
+        fits.append({**fit, "annotators": int(chosen.sum()),
+                     **({"annotator": int(np.flatnonzero(chosen)[0])} if mode == "annotator" else {})})
         policies.append(policy)
         cols.append(executor.loglik_many(backend, [policy], data, ref)[:, 0])
     return policies, np.stack(cols, axis=1), passes, fits
@@ -237,7 +257,7 @@ def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _C
             state["start"] = "single type"
         elif cfg.init == "seeded":  # Algorithm 1: eta_0 = 1/K, E-step under the seeded policies
             policies, ll, passes, seed_fits = seed_policies(backend, data, ref, K, seed, executor, cfg.seed_epochs,
-                                                            bootstrap=restart > 0)
+                                                            bootstrap=restart > 0, mode=cfg.seeding)
             est = e_step(ll, data.annotator_index, data.n_annotators, np.full(K, 1.0 / K))
             log_resp = est.log_resp
             state["start"] = "seeded"
