@@ -4,9 +4,6 @@ budgets are recorded (`epochs_seen`), and `K: [..]` picks the number of types on
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +19,6 @@ from emdpo_plugin.errors import EmdpoError
 from emdpo_plugin.trainers.base import StageContext
 from emdpo_plugin.trainers.em_dpo import EMConfig, EMDPOStage, _Checkpoint, heldout_split, run_em
 
-ROOT = Path(__file__).resolve().parents[1]
-OPENRLHF = str(Path(sys.executable).parent / "openrlhf")
 
 
 def _lm(model: Path, run_dir: Path, **train):
@@ -178,33 +173,3 @@ def test_dpo_budget_input_trains_for_the_em_passes(tmp_path):
     plain = DPOStage().run(StageContext(run_dir=tmp_path, stage_name="dpo", seed=1, recipe={"model": {}},
                                         _backend=backend), DPOConfig(), {"dataset": data_out})
     assert plain["epochs_seen"] == {"dpo": 30.0}
-
-
-@pytest.mark.slow
-def test_reduced_cpu_recipe_full_fine_tuning_seeded_em_separates_groups(tmp_path):
-    """The CPU recipe's data, SFT and EM (no clustering input) with lora.rank 0, scaled down."""
-    recipe = tmp_path / "reduced.yaml"
-    drops = "".join(f"  - {{name: {s}, drop: true}}\n" for s in
-                    ("dpo", "kmeans", "dpo_matched", "minmax", "minmax_w14", "minmax_kmeans", "report"))
-    recipe.write_text(f"extends: {ROOT / 'recipes' / 'emdpo_imdb_cpu.yaml'}\nname: reduced_fullft\n"
-                      f"stages:\n{drops}")
-    out = tmp_path / "run"
-    sets = ["model.lora.rank=0", "model.train.lr=2.0e-4", "data.config.users=40", "data.config.pairs_per_user=50",
-            "data.config.test_size=8",
-            "stages.sft.config.sft_steps=60", "stages.em.config.iterations=2"]
-    args = [OPENRLHF, "run", str(recipe), "--output-dir", str(out)]
-    for s in sets:
-        args += ["--set", s]
-    env = {k: v for k, v in os.environ.items()
-           if k not in {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"}}
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=1200, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    cl = json.loads((out / "em" / "clustering.json").read_text())
-    assert cl["start"] == "seeded"
-    from emdpo_plugin.data.io import load_dataset_dir
-
-    train = load_dataset_dir(out / "data").train
-    truth = dict(zip(train.annotator_ids, train.annotator_groups()))
-    labels = np.array(cl["responsibilities"]).argmax(1)
-    ari = clustering_scores([truth[a] for a in cl["annotator_ids"]], labels)["ari"]
-    assert ari >= 0.9, (ari, cl["log_likelihood"])
