@@ -97,10 +97,11 @@ def evaluate_run(run_dir: str | Path, *, split: str = "val", backend: Any = None
             mixtures[ens["name"]] = [(w, load(ens["paths"][n])) for n, w in zip(ens["policies"], ens["weights"])]
     if not mixtures:
         raise EmdpoError(f"{run_dir}: no finished stage produced policies to score")
-    per_policy = evaluate_mixtures(backend, data, mixtures, None)
+    per_policy = evaluate_mixtures(backend, data, mixtures)
     for p in per_policy.values():
         for m in p["per_group"].values():
             m.pop("regret", None)
+            m.pop("regret_se", None)
     return {"run": str(run_dir), "split": split, "rows": len(data), "policies": per_policy}
 
 
