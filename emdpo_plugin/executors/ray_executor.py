@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 import uuid
 import warnings
@@ -196,6 +197,16 @@ def _assign(dst: Any, src: Any) -> None:
         raise EmdpoError(f"Ray executor: cannot update a {type(dst).__name__} policy in place")
 
 
+
+def _ray_temp_dir(run_dir: Path) -> str | None:
+    """A temp folder for a local Ray when its default one (`$RAY_TMPDIR` or `/tmp` + `/ray`) would
+    overlap the run folder (e.g. `--output-dir /tmp/ray`): Ray's session files must not land among
+    the run's outputs. None keeps Ray's default."""
+    default = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()).resolve() / "ray"
+    if run_dir == default or default in run_dir.parents or run_dir in default.parents:
+        return str(default.parent / f"ray-emdpo-{os.getuid()}")
+    return None
+
 class RayExecutor:
     """K fits at once on K Ray actor groups; E-step scoring sharded across the groups."""
 
@@ -223,6 +234,9 @@ class RayExecutor:
 
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             kwargs.update(address="local", num_cpus=len(os.sched_getaffinity(0)), num_gpus=torch.cuda.device_count())
+            temp_dir = _ray_temp_dir(self.run_dir)
+            if temp_dir is not None:
+                kwargs["_temp_dir"] = temp_dir
             if cfg.object_store_mb is not None:
                 kwargs["object_store_memory"] = cfg.object_store_mb * 1024 * 1024
         else:
