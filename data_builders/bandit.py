@@ -166,3 +166,6 @@ def build(config: dict[str, Any], *, seed: int) -> BuiltDataset:
     return BuiltDataset(train=train, test=test, val=val, config=recorded_config(cfg),
                         extra={"environment": "bandit", "synthetic": True},
                         disjoint_prompts=("train", "val", "test"))
+
+
+build.Config = BanditConfig  # validated at plan time: a typo in `data.config` fails `--dry-run`

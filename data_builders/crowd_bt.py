@@ -92,3 +92,6 @@ def build(config: dict[str, Any], *, seed: int) -> BuiltDataset:
     train, test, _ = _generate(cfg, seed)
     return BuiltDataset(train=train, test=test, config=cfg.model_dump(),
                         extra={"synthetic": {"text": "fixed items", "labels": "hidden Bradley-Terry types, not recorded"}})
+
+
+build.Config = CrowdBTConfig  # validated at plan time: a typo in `data.config` fails `--dry-run`

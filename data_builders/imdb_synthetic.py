@@ -901,3 +901,6 @@ def build(config: dict[str, Any], *, seed: int = 0) -> BuiltDataset:
     }
     return BuiltDataset(train=train, test=test, val=val, config=resolved, labels=labels, extra=extra,
                         disjoint_prompts=("train", "val", "test"))
+
+
+build.Config = ImdbConfig  # validated at plan time: a typo in `data.config` fails `--dry-run`

@@ -91,3 +91,25 @@ class FakeBackend:
 
 class NotATrainer:
     pass
+
+
+class BadPoliciesTrainer(Trainer):
+    """Declares it produces policies but returns none: the runner must refuse its outputs."""
+
+    name = "bad_policies"
+    produces = ("policies",)
+
+    def run(self, ctx, config, inputs):
+        return {"policies": {}}
+
+
+class DatasetReaderTrainer(Trainer):
+    """Reads the dataset slot through the shared helper, to count loads per run."""
+
+    name = "dataset_reader"
+    input_slots = {"dataset": "a data stage"}
+
+    def run(self, ctx, config, inputs):
+        from emdpo_plugin.trainers.common import dataset_from
+
+        return {"rows": len(dataset_from(ctx, inputs["dataset"]).train)}

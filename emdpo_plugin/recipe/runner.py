@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .. import dist, registry
+from ..artifacts import validate_outputs
 from ..errors import EmdpoError, RecipeError
 from ..executors import make_executor
 from ..trainers.base import StageContext
@@ -138,6 +139,7 @@ def _drive(plan: Plan, run_dir: Path, resume: bool, backend_factory: BackendFact
 
 def _run_stages(plan: Plan, state: RunState, reuse: set[str], run_dir: Path, shared_backend: Callable[[], Any],
                 shared_executor: Callable[[], Any], console: Console) -> None:
+    datasets: dict[str, Any] = {}  # dataset folders loaded once per run, shared by the stages that read them
     for ps in plan.stages:
         name = ps.spec.name
         if name in reuse:
@@ -151,12 +153,14 @@ def _run_stages(plan: Plan, state: RunState, reuse: set[str], run_dir: Path, sha
             recipe=copy.deepcopy(plan.recipe),
             _backend_factory=shared_backend,
             _executor_factory=shared_executor,
+            _datasets=datasets,
         )
         console.print(f"[bold]start[/] {escape(name)} ({escape(ps.spec.trainer)})")
         state.mark_running(name)
         started = time.perf_counter()
         try:
             outputs = _checked_outputs(name, ps.trainer().run(ctx, ps.config, inputs))
+            validate_outputs(name, tuple(getattr(ps.trainer, "produces", ()) or ()), outputs)
         except BaseException as exc:
             seconds = time.perf_counter() - started
             state.mark_failed(name, _error_text(exc), seconds)

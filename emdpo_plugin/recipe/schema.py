@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 from pydantic import BaseModel, ConfigDict, StrictInt, ValidationError
 
 from .. import registry
+from ..artifacts import as_slot
 from ..errors import EmdpoError, RecipeError
 from ..executors import ExecutorConfig
 from ..trainers.base import StageConfig
@@ -59,6 +60,7 @@ class Plan:
     recipe: dict[str, Any]
     stages: list[PlannedStage] = field(default_factory=list)
     source: str | None = None  # the recipe file, recorded in run.json
+    typed: Recipe | None = None  # the validated model of `recipe`
 
     @property
     def name(self) -> str:
@@ -70,6 +72,8 @@ class Plan:
 
     @property
     def executor(self) -> ExecutorConfig:
+        if self.typed is not None:
+            return self.typed.executor
         return ExecutorConfig.model_validate(self.recipe.get("executor") or {})
 
 
@@ -112,10 +116,12 @@ def _validate(raw: dict[str, Any], source: str | None) -> Plan:
             config = trainer.Config.model_validate(spec.config)
         except ValidationError as exc:
             raise RecipeError(format_validation_error(exc, f"{where}.config", model=trainer.Config)) from None
-        _check_inputs(spec, trainer, seen, [s.name for s in recipe.stages])
+        _check_inputs(spec, trainer, {ps.spec.name: ps.trainer for ps in planned}, [s.name for s in recipe.stages])
+        if getattr(trainer, "name", None) == "data":
+            _check_data(spec, config, recipe.data)
         planned.append(PlannedStage(spec, trainer, config))
         seen.append(spec.name)
-    return Plan(recipe=raw, stages=planned, source=source)
+    return Plan(recipe=raw, stages=planned, source=source, typed=recipe)
 
 
 def load_trainer(ref: str, *, where: str = "") -> type:
@@ -124,17 +130,22 @@ def load_trainer(ref: str, *, where: str = "") -> type:
     `where` (e.g. `stages.em.trainer`) prefixes the message.
     """
     prefix = f"{where}: " if where else ""
-    try:
-        obj = registry.get(registry.TRAINERS, ref)
-    except EmdpoError as exc:
-        raise RecipeError(f"{prefix}{exc}") from None
-    except Exception as exc:  # a broken plugin: say which, without a traceback
-        raise RecipeError(f"{prefix}cannot load trainer {ref!r}: {type(exc).__name__}: {exc}") from None
+    obj = _load_plugin(registry.TRAINERS, ref, "trainer", prefix)
     cfg = getattr(obj, "Config", None)
     if not (isinstance(obj, type) and callable(getattr(obj, "run", None))
             and isinstance(cfg, type) and issubclass(cfg, BaseModel)):
         raise RecipeError(f"{prefix}{ref!r} is not a trainer (needs a `Config` pydantic model and `run`)")
     return obj
+
+
+def _load_plugin(group: str, ref: str, what: str, prefix: str) -> Any:
+    """A registered name or `module:attr` from an entry-point group, as a one-line RecipeError if not."""
+    try:
+        return registry.get(group, ref)
+    except EmdpoError as exc:
+        raise RecipeError(f"{prefix}{exc}") from None
+    except Exception as exc:  # a broken plugin: say which, without a traceback
+        raise RecipeError(f"{prefix}cannot load {what} {ref!r}: {type(exc).__name__}: {exc}") from None
 
 
 def _check_backend(model: dict[str, Any]) -> None:
@@ -156,8 +167,9 @@ def _check_backend(model: dict[str, Any]) -> None:
             raise RecipeError(format_validation_error(exc, "model", model=config_model)) from None
 
 
-def _check_inputs(spec: StageSpec, trainer: type, earlier: list[str], all_names: list[str]) -> None:
-    slots: dict[str, str] = dict(getattr(trainer, "input_slots", {}) or {})
+def _check_inputs(spec: StageSpec, trainer: type, earlier: dict[str, type], all_names: list[str]) -> None:
+    """Every input names an earlier stage whose trainer produces an artifact kind the slot takes."""
+    slots = {name: as_slot(slot) for name, slot in (getattr(trainer, "input_slots", {}) or {}).items()}
     required = tuple(getattr(trainer, "required_inputs", ()) or ())
     where = f"stages.{spec.name}.inputs"
     for slot, source in spec.inputs.items():
@@ -172,10 +184,33 @@ def _check_inputs(spec: StageSpec, trainer: type, earlier: list[str], all_names:
             else:
                 why = f"stages: {', '.join(all_names)}"
             raise RecipeError(f"{where}.{slot}: no earlier stage named {source!r} ({why})")
+        wanted = slots.get(slot, slots.get("*")).kinds
+        produced = tuple(getattr(earlier[source], "produces", ()) or ())
+        if wanted and produced and not set(wanted) & set(produced):  # undeclared (plugin) kinds: not checked
+            raise RecipeError(f"{where}.{slot}: expects a {' or '.join(wanted)} artifact; stage {source!r} "
+                              f"({earlier[source].name}) produces {', '.join(produced)}")
     for slot in required:
         if slot not in spec.inputs:
-            what = f" ({slots[slot]})" if slots.get(slot) else ""
+            what = f" ({slots[slot].describe()})" if slot in slots else ""
             raise RecipeError(f"{where}.{slot}: required input missing{what}")
+
+
+def _check_data(spec: StageSpec, config: StageConfig, data: dict[str, Any]) -> None:
+    """The data stage's builder config, validated by the builder's own pydantic model (a builder
+    function's `Config` attribute) at plan time: a typo in `data.config` fails `--dry-run`."""
+    merged = {**data, **config.model_dump(exclude_unset=True)}
+    builder, cfg = merged.get("builder"), merged.get("config") or {}
+    if not builder:
+        return
+    prefix = "data" if "builder" in data and "builder" not in spec.config else f"stages.{spec.name}.config"
+    build = _load_plugin(registry.DATA_BUILDERS, builder, "data builder", f"{prefix}.builder: ")
+    config_model = getattr(build, "Config", None)
+    if isinstance(config_model, type) and issubclass(config_model, BaseModel):
+        where = "data.config" if "config" in data and "config" not in spec.config else f"stages.{spec.name}.config.config"
+        try:
+            config_model.model_validate(cfg)
+        except ValidationError as exc:
+            raise RecipeError(format_validation_error(exc, where, model=config_model)) from None
 
 
 def _stage_names(raw: Any) -> list[Any]:

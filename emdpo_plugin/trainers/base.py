@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..artifacts import Slot
 from ..config import StrictModel
 
 
@@ -32,6 +33,7 @@ class StageContext:
     _backend_factory: Any = field(default=None, repr=False)
     _executor: Any = field(default=None, repr=False)
     _executor_factory: Any = field(default=None, repr=False)
+    _datasets: dict[str, Any] = field(default_factory=dict, repr=False)  # run-wide cache: folder -> DatasetDir
 
     @property
     def out_dir(self) -> Path:
@@ -60,14 +62,17 @@ class StageContext:
 
 
 class Trainer(ABC):
-    """A trainer type. Subclasses set `name`, `Config`, `input_slots` and implement `run`."""
+    """A trainer type. Subclasses set `name`, `Config`, `input_slots`, `produces` and implement `run`."""
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
     Config: ClassVar[type[StageConfig]] = StageConfig
-    # input slot -> what it expects; recipe `inputs` keys must be among these ("*": any name)
-    input_slots: ClassVar[dict[str, str]] = {}
+    # input slot -> the artifact kinds it takes (a bare string: any kind); recipe `inputs` keys
+    # must be among these ("*": any other name)
+    input_slots: ClassVar[dict[str, Slot | str]] = {}
     required_inputs: ClassVar[tuple[str, ...]] = ()
+    # the artifact kinds (emdpo_plugin.artifacts.KINDS) its outputs carry; checked by the runner
+    produces: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def run(self, ctx: StageContext, config: StageConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:

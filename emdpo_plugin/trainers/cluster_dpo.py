@@ -14,6 +14,7 @@ import numpy as np
 from pydantic import Field
 from sklearn.cluster import KMeans
 
+from ..artifacts import Slot
 from ..errors import EmdpoError
 from ..executors import FitJob
 from .base import StageConfig, StageContext, Trainer
@@ -55,7 +56,8 @@ class ClusterDPOStage(Trainer):
     name = "cluster_dpo"
     description = "Cluster-DPO baseline: k-means on mean embeddings of each annotator's chosen texts, then DPO per cluster."
     Config = ClusterConfig
-    input_slots = {"dataset": "a stage that produced a dataset (data)"}
+    input_slots = {"dataset": Slot(("dataset",), "the comparisons to cluster and train on")}
+    produces = ("policies", "clustering")
     required_inputs = ("dataset",)
 
     def run(self, ctx: StageContext, config: ClusterConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:

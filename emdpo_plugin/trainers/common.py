@@ -22,9 +22,16 @@ def rel_path(ctx: StageContext, path: Path) -> str:
 
 
 def dataset_from(ctx: StageContext, outputs: dict[str, Any], slot: str = "dataset") -> DatasetDir:
+    """The dataset an earlier stage wrote, loaded (and its hashes checked) once per run.
+
+    Stages only read it, so the stages of one run share one copy."""
     if "dir" not in outputs or "manifest" not in outputs:
         raise RecipeError(f"stages.{ctx.stage_name}.inputs.{slot}: that stage produced no dataset")
-    return load_dataset_dir(run_path(ctx, outputs["dir"]))
+    path = run_path(ctx, outputs["dir"])
+    key = str(path.resolve())
+    if key not in ctx._datasets:
+        ctx._datasets[key] = load_dataset_dir(path)
+    return ctx._datasets[key]
 
 
 def policies_from(ctx: StageContext, outputs: dict[str, Any], slot: str = "policies") -> dict[str, Any]:

@@ -25,6 +25,7 @@ class DataStage(Trainer):
     name = "data"
     description = "Build the dataset with a registered builder, or take an existing dataset folder/file."
     Config = DataConfig
+    produces = ("dataset",)
 
     def run(self, ctx: StageContext, config: DataConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         spec = {**ctx.recipe.get("data", {}), **config.model_dump(exclude_unset=True)}

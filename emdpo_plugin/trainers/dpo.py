@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
+from ..artifacts import Slot
 from ..backends.base import FitSchedule
 from ..errors import RecipeError
 from .base import StageConfig, StageContext, Trainer
@@ -37,8 +38,10 @@ class DPOStage(Trainer):
     name = "dpo"
     description = "Plain DPO (Plackett-Luce for rankings) on the whole population: the baseline."
     Config = DPOConfig
-    input_slots = {"dataset": "a stage that produced a dataset (data)",
-                   "budget": "optional: a stage whose epochs_seen (largest over its policies) sets this fit's passes"}
+    input_slots = {"dataset": Slot(("dataset",), "the comparisons to train on"),
+                   "budget": Slot(("policies",), "optional: a stage whose epochs_seen (largest over its policies) "
+                                                 "sets this fit's passes")}
+    produces = ("policies",)
     required_inputs = ("dataset",)
 
     def run(self, ctx: StageContext, config: DPOConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -53,6 +53,7 @@ from scipy.special import logsumexp
 from tqdm.auto import tqdm
 
 from ..algorithms.em import annotator_loglik, comparison_weights, dirichlet_responsibilities, e_step, update_eta
+from ..artifacts import Slot
 from ..backends.base import FitSchedule
 from ..data.schema import ComparisonSet
 from ..errors import RecipeError
@@ -342,8 +343,10 @@ class EMDPOStage(Trainer):
     name = "em_dpo"
     description = "EM-DPO: soft EM over K latent annotator types, each M-step a weighted DPO."
     Config = EMConfig
-    input_slots = {"dataset": "a stage that produced a dataset (data)",
-                   "init": "optional departure from Algorithm 1: a clustering stage (cluster_dpo) whose assignments start EM"}
+    input_slots = {"dataset": Slot(("dataset",), "the comparisons to fit"),
+                   "init": Slot(("clustering",), "optional departure from Algorithm 1: a clustering stage "
+                                                 "(cluster_dpo) whose assignments start EM")}
+    produces = ("policies", "clustering")
     required_inputs = ("dataset",)
 
     def _best_of_restarts(self, ctx: StageContext, data: ComparisonSet, config: EMConfig, root: Path,

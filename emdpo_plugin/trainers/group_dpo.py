@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..artifacts import Slot
 from ..errors import RecipeError
 from ..executors import FitJob
 from .base import StageConfig, StageContext, Trainer
@@ -50,7 +51,8 @@ class GroupDPOStage(Trainer):
     name = "group_dpo"
     description = "Known-groups oracle: one DPO policy per labelled group on its own comparisons (regret yardstick)."
     Config = GroupDPOConfig
-    input_slots = {"dataset": "a stage that produced a dataset with group labels (data)"}
+    input_slots = {"dataset": Slot(("dataset",), "comparisons whose annotators carry group labels")}
+    produces = ("policies",)
     required_inputs = ("dataset",)
 
     def run(self, ctx: StageContext, config: GroupDPOConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..algorithms.minmax import game_value_lp, optimistic_hedge, regret_matrix
 from .base import StageConfig, StageContext, Trainer
 from .. import __version__
+from ..artifacts import Slot
 from ..errors import EmdpoError, RecipeError
 from ..export.routing import RoutingConfig, mixture_entries, write_routing
 from ..eval.evaluate import clustering_report
@@ -125,8 +126,9 @@ class MinMaxEnsembleStage(Trainer):
     name = "minmax_ensemble"
     description = "MinMax-DPO: min-max-regret mixture weights over an earlier stage's type policies."
     Config = MinMaxConfig
-    input_slots = {"policies": "a stage that produced type policies (em_dpo, cluster_dpo)",
-                   "dataset": "draw the prompts x ~ D from its training prompts (language models)"}
+    input_slots = {"policies": Slot(("policies",), "the type policies to mix (em_dpo, cluster_dpo)"),
+                   "dataset": Slot(("dataset",), "draw the prompts x ~ D from its training prompts (language models)")}
+    produces = ("ensemble",)
     required_inputs = ("policies",)
 
     def run(self, ctx: StageContext, config: MinMaxConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, model_serializer
 
+from ..artifacts import Slot
 from ..config import StrictModel
 from ..errors import RecipeError
 from ..eval.evaluate import (clustering_report, estimate_regrets, evaluate_mixtures, responsibility_stats,
@@ -75,9 +76,10 @@ class ReportStage(Trainer):
     name = "report"
     description = "Held-out accuracy/margin, regret against an oracle, clustering quality, ensembles: metrics.json, PNGs, report.md."
     Config = ReportConfig
-    input_slots = {"dataset": "the dataset stage (data)",
-                   "oracle": "a group_dpo stage: the per-group optima regret is measured against",
-                   "*": "any earlier stage to report on"}
+    input_slots = {"dataset": Slot(("dataset",), "the test (and val) split to evaluate on"),
+                   "oracle": Slot(("policies",), "a group_dpo stage: the per-group optima regret is measured against"),
+                   "*": Slot((), "any earlier stage to report on (policies, clustering, ensemble)")}
+    produces = ("report",)
     required_inputs = ("dataset",)
 
     def run(self, ctx: StageContext, config: ReportConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:

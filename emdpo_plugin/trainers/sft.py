@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import Field
 
 from .. import dist
+from ..artifacts import Slot
 from .base import StageConfig, StageContext, Trainer
 from .common import dataset_from, rel_path
 
@@ -36,7 +37,8 @@ class SFTStage(Trainer):
     name = "sft"
     description = "The SFT reference: build a tiny local model (offline default) or record an existing one."
     Config = SFTConfig
-    input_slots = {"dataset": "texts for the tokenizer and SFT (model: tiny)"}
+    input_slots = {"dataset": Slot(("dataset",), "texts for the tokenizer and SFT (model: tiny)")}
+    produces = ("model",)
 
     def run(self, ctx: StageContext, config: SFTConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         if config.model != "tiny":
