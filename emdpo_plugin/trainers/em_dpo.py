@@ -407,6 +407,6 @@ class EMDPOStage(Trainer):
         return {"policies": names, "clustering": rel_path(ctx, out / "clustering.json"),
                 "rows_trained_per_iteration": [[f.get("rows") for f in it] for it in state["fit"]],
                 "epochs_seen": seen, "start": state.get("start"),
-                "backend_stats": dict(getattr(ctx.backend, "stats", {})),
+                "backend_stats": dict(ctx.backend.stats),
                 "iterations": state["iteration"], "log_likelihood": best_ll, "eta": state["eta"],
                 **({"model_selection": selection["model_selection"], "chosen_K": K} if selection else {})}
