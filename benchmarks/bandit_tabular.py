@@ -29,7 +29,7 @@ from typing import Any, Literal
 import numpy as np
 from scipy.special import log_softmax, ndtr
 
-from data_builders.bandit import BanditConfig, BanditEnvironment
+from emdpo_plugin.envs.bandit import BanditConfig, BanditEnvironment
 from emdpo_plugin.algorithms.minmax import game_value_lp, optimistic_hedge, regret_matrix
 
 

@@ -1,5 +1,8 @@
 """The paper's contextual bandit (section 5.1), as format-v1 comparisons.
 
+The environment itself (config, true rewards) is `emdpo_plugin.envs.bandit`: backends rebuild it
+from the manifest at run time. This module draws annotators, contexts and labels from it.
+
 Three arms; context x ~ U[0,1]^3; group i's reward r_i(y, x) = x . theta_i(y) + N(0, sigma)
 with theta_i(i) = [10, 10, 10] and 0 for the other arms. Annotators are drawn from the groups
 with probabilities 0.6 / 0.3 / 0.1 and label 10 pairs each; the reference policy is uniform.
@@ -31,26 +34,10 @@ import json
 from typing import Any
 
 import numpy as np
-from pydantic import Field
 
 from emdpo_plugin.data.builders import BuiltDataset
 from emdpo_plugin.data.schema import Comparison
-from emdpo_plugin.config import StrictModel
-
-
-class BanditConfig(StrictModel):
-    arms: int = 3
-    dim: int = 3
-    theta_scale: float = 10.0
-    group_probs: list[float] = Field(default_factory=lambda: [0.6, 0.3, 0.1])
-    annotators: int = 200
-    pairs_per_annotator: int = 10
-    noise_std: float = 0.01
-    test_contexts: int = 500
-    val_contexts: int | None = Field(None, ge=0, description="validation contexts (default: test_contexts; 0: no val)")
-    responses_per_comparison: int = Field(2, ge=2, description="arms shown and ranked per comparison")
-    group_rankings: list[list[int]] | None = Field(
-        None, description="per group, arms best first (default: group i prefers arm i, others tie at 0)")
+from emdpo_plugin.envs.bandit import ENVIRONMENT, BanditConfig, BanditEnvironment, group_name
 
 
 # Options added after the paper's setup: left out of the recorded config while at their default,
@@ -66,61 +53,12 @@ def recorded_config(cfg: BanditConfig) -> dict[str, Any]:
     return out
 
 
-def group_name(i: int) -> str:
-    return f"group{i}"
-
-
 def arm_name(i: int) -> str:
     return f"arm{i}"
 
 
 def encode_context(x: np.ndarray) -> str:
     return json.dumps([float(v) for v in x])
-
-
-class BanditEnvironment:
-    """True rewards of the bandit: what exact regret is measured against."""
-
-    def __init__(self, cfg: BanditConfig) -> None:
-        g = len(cfg.group_probs)
-        if cfg.responses_per_comparison > cfg.arms:
-            raise ValueError(f"responses_per_comparison {cfg.responses_per_comparison} exceeds arms {cfg.arms}")
-        if cfg.group_rankings is None:
-            if g > cfg.arms:
-                raise ValueError("the bandit has one preferred arm per group: need groups <= arms")
-            rankings = [[i] for i in range(g)]
-        else:
-            rankings = cfg.group_rankings
-            if len(rankings) != g:
-                raise ValueError(f"group_rankings has {len(rankings)} entries, group_probs {g}")
-            for r in rankings:
-                if not r or len(set(r)) != len(r) or not all(0 <= a < cfg.arms for a in r):
-                    raise ValueError(f"group_rankings entry {r}: need distinct arms in 0..{cfg.arms - 1}")
-        self.cfg = cfg
-        self.theta = np.zeros((g, cfg.arms, cfg.dim))
-        for i, order in enumerate(rankings):
-            for pos, arm in enumerate(order):
-                self.theta[i, arm, :] = cfg.theta_scale * (1 - pos / max(cfg.arms - 1, 1))
-
-    @property
-    def groups(self) -> list[str]:
-        return [group_name(i) for i in range(len(self.cfg.group_probs))]
-
-    def mean_rewards(self, group: int, contexts: np.ndarray) -> np.ndarray:
-        """(n, arms) noise-free rewards x . theta_group(y)."""
-        return contexts @ self.theta[group].T
-
-    def optimal_probs(self, group: int, contexts: np.ndarray, beta: float) -> np.ndarray:
-        """The beta-regularised optimum against the uniform reference: softmax(r / beta)."""
-        logits = self.mean_rewards(group, contexts) / beta
-        logits -= logits.max(axis=1, keepdims=True)
-        p = np.exp(logits)
-        return p / p.sum(axis=1, keepdims=True)
-
-    def regret(self, group: int, contexts: np.ndarray, probs: np.ndarray, beta: float) -> float:
-        """The paper's regret R_z(pi*_z) - R_z(pi): expected true reward lost against the optimum."""
-        r = self.mean_rewards(group, contexts)
-        return float(np.mean(np.sum((self.optimal_probs(group, contexts, beta) - probs) * r, axis=1)))
 
 
 def build(config: dict[str, Any], *, seed: int) -> BuiltDataset:
@@ -164,7 +102,7 @@ def build(config: dict[str, Any], *, seed: int) -> BuiltDataset:
     val = labelled_by_every_group("val", val_contexts) if val_contexts else None
     # contexts are continuous draws: splits share no prompt (with probability 1, and checked on load)
     return BuiltDataset(train=train, test=test, val=val, config=recorded_config(cfg),
-                        extra={"environment": "bandit", "synthetic": True},
+                        extra={"environment": ENVIRONMENT, "synthetic": True},
                         disjoint_prompts=("train", "val", "test"))
 
 

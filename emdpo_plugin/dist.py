@@ -15,6 +15,7 @@ as it talks to the model through the backend.
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 from datetime import timedelta
@@ -121,7 +122,19 @@ class _Ref:
 
 
 class DriverBackend:
-    """Rank 0's view of the backend: mirrored verbs run on every rank, everything else locally."""
+    """Rank 0's view of the backend: mirrored verbs run on every rank, everything else locally.
+
+    `DriverBackend(local)` is an instance of a subclass that also defines, as forwarding
+    properties, the members of every protocol in backends/base.py that `local` satisfies. Why:
+    `isinstance(backend, SupportsX)` must see the wrapped backend's capabilities, and Python
+    3.12+ checks protocols with `inspect.getattr_static`, which `__getattr__` does not answer.
+    """
+
+    def __new__(cls, local: Any) -> DriverBackend:
+        from .backends.base import CAPABILITIES, PolicyBackend
+
+        satisfied = tuple(p for p in (PolicyBackend, *CAPABILITIES) if isinstance(local, p))
+        return super().__new__(_driver_class(cls, satisfied))
 
     def __init__(self, local: Any) -> None:
         self._local = local
@@ -190,6 +203,19 @@ class DriverBackend:
 
     def load(self, *a: Any, **k: Any) -> Any:
         return self._call("load", *a, **k)
+
+
+@functools.lru_cache(maxsize=None)
+def _driver_class(base: type, protocols: tuple[type, ...]) -> type:
+    """`base` plus a forwarding property for each member of `protocols` that it does not define."""
+    from .backends.base import protocol_members
+
+    def forward(name: str) -> property:
+        return property(lambda self: getattr(self._local, name), doc=f"the wrapped backend's `{name}`")
+
+    members = {n: forward(n) for p in protocols for n in protocol_members(p) if not hasattr(base, n)}
+    names = "+".join(p.__name__ for p in protocols) or "no protocol"
+    return type(f"{base.__name__}[{names}]", (base,), {"__module__": base.__module__, **members})
 
 
 def driver_backend_factory(factory: Callable[[], Any]) -> Callable[[], Any]:

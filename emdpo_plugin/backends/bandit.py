@@ -20,6 +20,7 @@ from torch import nn
 from ..algorithms.likelihood import comparison_loglik
 from ..config import StrictModel
 from ..data.schema import ComparisonSet
+from ..envs import bandit as bandit_env
 from ..errors import EmdpoError
 from .base import FitSchedule
 
@@ -50,7 +51,10 @@ def _mlp(cfg: BanditModelConfig) -> nn.Sequential:
 
 
 class BanditBackend:
-    """Implements the PolicyBackend verbs for the bandit; see backends/base.py."""
+    """Implements the PolicyBackend verbs for the bandit; see backends/base.py.
+
+    Capabilities: SupportsExactExpectation (`probs`, `exact_L`) and SupportsExactRegret.
+    """
 
     Config = BanditModelConfig
 
@@ -59,6 +63,7 @@ class BanditBackend:
         self.beta = self.cfg.beta
         self.label_smoothing = self.cfg.label_smoothing
         self.seed = seed
+        self.stats: dict[str, float] = {}  # nothing worth counting: no reference cache, no tokenizer
         self._encoding: tuple[weakref.ref, tuple[torch.Tensor, ...]] | None = None
         torch.set_num_threads(1)  # tiny MLP: threads cost more than they give
 
@@ -235,12 +240,10 @@ class BanditBackend:
         return torch.einsum("jna,kna->kj", logp.exp(), log_ratio).numpy() / len(prompts)
 
     def regret_oracle(self, manifest: dict[str, Any]) -> Callable[[list[tuple[float, nn.Module]], str], float] | None:
-        """Exact regret from the bandit's true rewards (None if the data is not a bandit set)."""
-        if manifest.get("builder", {}).get("name") != "bandit":
+        """Exact regret from the bandit's true rewards (None if the data was not built on the bandit)."""
+        env = bandit_env.from_manifest(manifest)
+        if env is None:
             return None
-        from data_builders.bandit import BanditConfig, BanditEnvironment
-
-        env = BanditEnvironment(BanditConfig.model_validate(manifest["builder"]["config"]))
         contexts = np.random.default_rng(self.seed + 7).uniform(0, 1, size=(20_000, self.cfg.context_dim))
 
         def regret(mixture: list[tuple[float, nn.Module]], group: str) -> float:

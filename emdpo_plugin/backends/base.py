@@ -4,6 +4,10 @@ The EM loop, the DPO baseline and the min-max stage are written once against the
 `bandit` implements them with a small torch MLP (paper section 5.1); `openrlhf` with causal
 language models trained through OpenRLHF's DeepSpeed strategy.
 
+What only some backends can do is a capability protocol (in the manner of vLLM's
+`SupportsLoRA`), checked with `isinstance(backend, SupportsX)`: the callers' branches then name
+what they need, and a backend gains a branch by implementing its members.
+
 Scores are sequence log-probabilities `s(x, y)` as float64 arrays of shape
 (n_rows, max_responses), NaN where a row has fewer responses.
 """
@@ -12,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -43,8 +47,11 @@ class FitSchedule:
 
 @runtime_checkable
 class PolicyBackend(Protocol):
+    """What every backend implements and the stages call."""
+
     beta: float
     label_smoothing: float  # conservative-DPO eps used by fit and by the E-step alike
+    stats: dict[str, float]  # counters a stage records in run.json (e.g. reference rows cached); may be empty
 
     def new_policy(self, seed: int) -> Any:
         """A fresh policy initialised from the reference (the start of every type policy)."""
@@ -75,7 +82,50 @@ class PolicyBackend(Protocol):
 
     def load(self, path: Path) -> Any: ...
 
-    # Optional: `regret_oracle(manifest) -> callable(mixture, group) -> float | None` where the
-    # environment knows the true rewards (the bandit); otherwise regret is estimated from L.
-    # Optional: `exact_L(policies, prompts) -> (K, K) ndarray`, the min-max stage's L with the
-    # expectation over y taken exactly (a sum over a small response set, e.g. the bandit's arms).
+
+@runtime_checkable
+class SupportsExport(Protocol):
+    """Policies are saved as model or adapter folders on a base model, so the min-max stage saves
+    them and writes routing.yaml for `openrlhf serve` (language-model backends)."""
+
+    base_model: str  # what routing.yaml names as the base: a local folder or a hub id
+    adapter_type: str  # "lora" or "full"
+
+
+@runtime_checkable
+class SupportsVLLMSampling(Protocol):
+    """Samples every saved policy at once on vLLM's offline engine (min-max `sampler: vllm`)."""
+
+    def sample_vllm(self, dirs: dict[str, Path], prompts: list[str], n: int, seed: int, *,
+                    log_path: Path) -> dict[str, list[list[str]]]:
+        """n responses per prompt from each policy folder in `dirs`, keyed like `dirs`."""
+
+
+@runtime_checkable
+class SupportsExactExpectation(Protocol):
+    """Policies are explicit distributions over a small response set (the bandit's arms), so
+    expectations over y are sums, not sample means."""
+
+    def probs(self, policy: Any, contexts: np.ndarray) -> np.ndarray:
+        """(n, responses) probabilities of every response at each context."""
+
+    def exact_L(self, policies: list[Any], prompts: list[str]) -> np.ndarray:
+        """The min-max stage's (K, K) L with the expectation over y taken exactly."""
+
+
+@runtime_checkable
+class SupportsExactRegret(Protocol):
+    """Knows the true rewards of data built on a synthetic environment (the bandit)."""
+
+    def regret_oracle(self, manifest: dict[str, Any]) -> Callable[[list[tuple[float, Any]], str], float] | None:
+        """`regret(mixture, group)` from the environment the manifest records, or None without one."""
+
+
+CAPABILITIES: tuple[type, ...] = (SupportsExport, SupportsVLLMSampling, SupportsExactExpectation, SupportsExactRegret)
+
+
+def protocol_members(protocol: type) -> tuple[str, ...]:
+    """The attribute names a protocol requires: its annotated fields and its methods."""
+    names = dict.fromkeys(vars(protocol).get("__annotations__", {}))
+    names.update(dict.fromkeys(n for n, v in vars(protocol).items() if callable(v) and not n.startswith("_")))
+    return tuple(names)

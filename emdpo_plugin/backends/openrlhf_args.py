@@ -4,8 +4,10 @@ OpenRLHF's trainers, strategy and datasets read a nested ``SimpleNamespace`` bui
 ``openrlhf.utils.config.hierarchize`` from argparse dests with dots in their names
 (``--ds.zero_stage`` -> ``args.ds.zero_stage``). The parsers live under
 ``if __name__ == "__main__"`` in ``openrlhf/cli/train_{sft,dpo}.py``, so they cannot be
-reused; :data:`OPENRLHF_DEFAULTS` restates their defaults (union of the SFT and DPO CLIs of
-0.11.2) and :func:`make_args` applies overrides and hierarchizes.
+reused; :data:`HOST_DEFAULTS` restates their defaults (union of the SFT and DPO CLIs of
+0.11.2), :data:`OVERRIDES` holds the few values chosen here instead, and :func:`make_args`
+applies both plus the caller's overrides and hierarchizes. tests/test_host_drift.py compares
+:data:`HOST_DEFAULTS` (and every name here) with the installed host's argument definitions.
 
     args = make_args({"model.model_name_or_path": path, "train.batch_size": 16},
                      ds__zero_stage=0)          # "__" is accepted for "." in keyword names
@@ -24,10 +26,11 @@ from collections.abc import Mapping
 from types import SimpleNamespace
 from typing import Any
 
-__all__ = ["OPENRLHF_DEFAULTS", "CPU_DEFAULTS", "make_args", "flatten_args"]
+__all__ = ["HOST_DEFAULTS", "OVERRIDES", "OPENRLHF_DEFAULTS", "CPU_DEFAULTS", "make_args", "flatten_args"]
 
-# Defaults of openrlhf 0.11.2 cli/train_sft.py + cli/train_dpo.py (where the two differ, noted).
-OPENRLHF_DEFAULTS: dict[str, Any] = {
+# Defaults of openrlhf 0.11.2 cli/train_sft.py + cli/train_dpo.py (where the two differ, noted:
+# each value is one of the two CLIs' defaults). Values of our own go in OVERRIDES instead.
+HOST_DEFAULTS: dict[str, Any] = {
     "local_rank": -1,
     "use_ms": False,
     # checkpoints
@@ -35,7 +38,6 @@ OPENRLHF_DEFAULTS: dict[str, Any] = {
     "ckpt.save_steps": -1,
     "ckpt.save_hf": False,
     "ckpt.disable_ds": False,
-    "ckpt.path": "./ckpt/checkpoints",  # sft: ./ckpt/checkpoints_sft, dpo: ./ckpt/checkpoints_dpo
     "ckpt.max_num": 3,
     "ckpt.max_mem": int(1e8),
     "ckpt.load_enable": False,
@@ -45,8 +47,6 @@ OPENRLHF_DEFAULTS: dict[str, Any] = {
     "logger.wandb.key": None,
     "logger.wandb.org": None,
     "logger.wandb.group": None,
-    "logger.wandb.project": "openrlhf_emdpo",
-    "logger.wandb.run_name": "emdpo",  # the CLIs use a timestamp; fixed here for determinism
     "eval.steps": -1,
     "eval.dataset": None,
     "eval.split": "train",  # dpo: "test"
@@ -122,7 +122,17 @@ OPENRLHF_DEFAULTS: dict[str, Any] = {
     "data.dataloader_num_workers": 0,
 }
 
-# Applied on top of OPENRLHF_DEFAULTS when CUDA is not available (before user overrides).
+# Values chosen here, not the host's: deliberately different from both CLIs' defaults.
+OVERRIDES: dict[str, Any] = {
+    "ckpt.path": "./ckpt/checkpoints",  # sft: ./ckpt/checkpoints_sft, dpo: ./ckpt/checkpoints_dpo
+    "logger.wandb.project": "openrlhf_emdpo",  # the CLIs: openrlhf_train_sft / openrlhf_train_dpo
+    "logger.wandb.run_name": "emdpo",  # the CLIs use a timestamp; fixed here for determinism
+}
+
+OPENRLHF_DEFAULTS: dict[str, Any] = {**HOST_DEFAULTS, **OVERRIDES}  # what make_args starts from
+
+# Applied on top of OPENRLHF_DEFAULTS when CUDA is not available (before user overrides); also our
+# own values (fp32 is not even among the CLIs' choices), so the drift guard checks only their names.
 CPU_DEFAULTS: dict[str, Any] = {
     "ds.param_dtype": "fp32",
     "ds.attn_implementation": "sdpa",

@@ -154,7 +154,10 @@ def schedule_lrs(scheduler: Any, steps: int) -> list[float] | None:
 
 
 class OpenRLHFBackend:
-    """Implements the PolicyBackend verbs (backends/base.py) on OpenRLHF."""
+    """Implements the PolicyBackend verbs (backends/base.py) on OpenRLHF.
+
+    Capabilities: SupportsExport (`base_model`, `adapter_type`) and SupportsVLLMSampling.
+    """
 
     Config = OpenRLHFModelConfig
 

@@ -57,13 +57,18 @@ def collate_responses(items: list[list[Tokenized]], pad_token_id: int) -> tuple[
     return ResponseBatch(ids, att, plens, width), response_mask
 
 
-def sequence_logps(actor, batch: ResponseBatch, ring_attn_group=None) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(actor, batch: ResponseBatch, ring_attn_group=None,
+                   trainer: DPOTrainer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum and per-token mean of response-token log-probs per sequence, each (B, m), via the
-    host's reduction."""
+    host's reduction `DPOTrainer._get_batch_logps` (its masking of prompt tokens).
+
+    Training passes its trainer. Scoring has none (it runs on the bare `Actor`), and the host
+    has no module-level version of the reduction, so it calls the method unbound with
+    `self=None`: the method reads no instance state (tests/test_host_drift.py checks that)."""
     log_probs = actor(batch.input_ids, attention_mask=batch.attention_mask, return_logprobs=True,
                       ring_attn_group=ring_attn_group)
-    # `_get_batch_logps` uses no trainer state: the host's masking of prompt tokens, reused as is.
-    sums, means = DPOTrainer._get_batch_logps(None, log_probs, batch.attention_mask, batch.prompt_lens)
+    args = (log_probs, batch.attention_mask, batch.prompt_lens)
+    sums, means = trainer._get_batch_logps(*args) if trainer is not None else DPOTrainer._get_batch_logps(None, *args)
     return sums.view(-1, batch.width), means.view(-1, batch.width)
 
 
@@ -125,7 +130,7 @@ class WeightedDPOTrainer(DPOTrainer):
                     break
                 batch.input_ids = batch.input_ids.to(device)
                 batch.attention_mask = batch.attention_mask.to(device)
-                logps, token_means = sequence_logps(self.model, batch, self.strategy.ring_attn_group)
+                logps, token_means = sequence_logps(self.model, batch, self.strategy.ring_attn_group, self)
                 rankings = rankings.to(device)
                 ll = comparison_loglik(logps, ref.to(device, logps.dtype), rankings,
                                        response_mask.to(device), self.beta, self.label_smoothing)

@@ -32,15 +32,9 @@ from scipy.optimize import linear_sum_assignment
 
 from ..algorithms.em import e_step
 from ..algorithms.likelihood import comparison_loglik
+from ..backends.base import SupportsExactExpectation
 from ..data.schema import ComparisonSet
-
-
-def _environment(manifest: dict[str, Any]) -> Any | None:
-    if manifest.get("builder", {}).get("name") != "bandit":
-        return None
-    from data_builders.bandit import BanditConfig, BanditEnvironment
-
-    return BanditEnvironment(BanditConfig.model_validate(manifest["builder"]["config"]))
+from ..envs import bandit as bandit_env
 
 
 def plackett_luce_rankings(log_probs: np.ndarray, perms: list[tuple[int, ...]]) -> np.ndarray:
@@ -91,8 +85,8 @@ def identifiability_report(backend: Any, manifest: dict[str, Any], data: Compari
                            policies: list[Any], log_likelihood: float | None = None, *, contexts: int = 2000,
                            seed: int = 0, ranking_samples: int = 64) -> dict[str, Any] | None:
     """Recovered eta and type policies against the truth; None when the data has no known truth."""
-    env = _environment(manifest)
-    if env is None or not hasattr(backend, "probs"):
+    env = bandit_env.from_manifest(manifest)
+    if env is None or not isinstance(backend, SupportsExactExpectation):
         return None
     rng = np.random.default_rng(seed)
     x = rng.uniform(0.0, 1.0, size=(contexts, env.cfg.dim))

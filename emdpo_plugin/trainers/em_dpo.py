@@ -410,6 +410,6 @@ class EMDPOStage(Trainer):
         return {"policies": names, "clustering": rel_path(ctx, out / "clustering.json"),
                 "rows_trained_per_iteration": [[f.get("rows") for f in it] for it in state["fit"]],
                 "epochs_seen": seen, "start": state.get("start"),
-                "backend_stats": dict(getattr(ctx.backend, "stats", {})),
+                "backend_stats": dict(getattr(ctx.backend, "stats", None) or {}),  # optional for plugin backends
                 "iterations": state["iteration"], "log_likelihood": best_ll, "eta": state["eta"],
                 **({"model_selection": selection["model_selection"], "chosen_K": K} if selection else {})}

@@ -2,7 +2,7 @@
 
 L[z, z'] = E_{x ~ D, y ~ pi_z'}[s_z(x, y) - s_ref(x, y)] is estimated by sampling from every
 type policy, or computed exactly in y where the backend can sum over its responses (the bandit's
-arms: `exact_L(policies, prompts)`); the (K+1) x K regret game is solved with optimistic Hedge and cross-checked
+arms: `SupportsExactExpectation.exact_L`); the (K+1) x K regret game is solved with optimistic Hedge and cross-checked
 against the exact LP value. The result is a sequence-level mixture: per request, type k with
 probability w_k.
 """
@@ -19,6 +19,7 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 from ..algorithms.minmax import game_value_lp, optimistic_hedge, regret_matrix
+from ..backends.base import SupportsExactExpectation, SupportsExport, SupportsVLLMSampling
 from .base import StageConfig, StageContext, Trainer
 from .. import __version__
 from ..artifacts import Slot
@@ -62,7 +63,7 @@ def estimate_L(backend: Any, policies: list[Any], prompts: list[str], sample: Sa
 
 def resolve_L_method(ctx: StageContext, config: MinMaxConfig, backend: Any) -> Literal["exact", "sampled"]:
     """`auto` takes the exact sum over responses whenever the backend offers `exact_L`."""
-    exact = hasattr(backend, "exact_L")
+    exact = isinstance(backend, SupportsExactExpectation)
     if config.L_method == "exact" and not exact:
         raise RecipeError(f"stages.{ctx.stage_name}.config.L_method: 'exact' needs a backend that can sum over "
                           f"its responses; {type(backend).__name__} has no exact_L, use 'sampled'")
@@ -141,7 +142,7 @@ class MinMaxEnsembleStage(Trainer):
         else:
             prompts = backend.sample_prompts(config.prompts, seed)
         n = config.samples_per_prompt
-        lm = hasattr(backend, "base_model")  # language-model backends save adapters and export routing
+        lm = isinstance(backend, SupportsExport)  # language-model backends save adapters and export routing
         dirs = save_policies(ctx, backend, names, policies) if lm else {}
         t = time.perf_counter()
         method = resolve_L_method(ctx, config, backend)
@@ -149,7 +150,7 @@ class MinMaxEnsembleStage(Trainer):
             L = np.asarray(backend.exact_L(policies, prompts), dtype=np.float64)
         else:
             if config.sampler == "vllm":
-                if not hasattr(backend, "sample_vllm"):
+                if not isinstance(backend, SupportsVLLMSampling):
                     raise EmdpoError(f"stages.{ctx.stage_name}.config.sampler: 'vllm' needs a language-model "
                                      f"backend; {type(backend).__name__} has no vLLM sampler")
                 by_type = backend.sample_vllm(dirs, prompts, n, seed, log_path=ctx.out_dir / "vllm-sampler.log")

@@ -33,6 +33,7 @@ import numpy as np
 from pydantic import Field, model_serializer
 
 from ..artifacts import Slot
+from ..backends.base import SupportsExactRegret
 from ..config import StrictModel
 from ..errors import RecipeError
 from ..eval.evaluate import (clustering_report, estimate_regrets, evaluate_mixtures, responsibility_stats,
@@ -204,7 +205,7 @@ class ReportStage(Trainer):
         """Fill per-group regret from one independent source; say which one (or why none)."""
         where = f"stages.{ctx.stage_name}"
         backend = ctx.backend
-        exact = backend.regret_oracle(ds.manifest) if hasattr(backend, "regret_oracle") else None
+        exact = backend.regret_oracle(ds.manifest) if isinstance(backend, SupportsExactRegret) else None
         oracle_out = inputs.get("oracle")
         if oracle_out is not None and not oracle_out.get("oracle_groups"):
             raise RecipeError(f"{where}.inputs.oracle: that stage produced no per-group policies (use a group_dpo stage)")
