@@ -205,3 +205,16 @@ def test_every_stage_runs_without_labels_and_the_report_says_what_it_skipped(tmp
     md = (tmp_path / "report" / "report.md").read_text()
     assert "no group labels" in md and "skipped" in md and "mean largest responsibility" in md
     assert (tmp_path / "report" / "responsibility_sharpness.png").stat().st_size > 0
+
+
+def test_group_dpo_takes_another_stages_budget(tmp_path):
+    """An oracle trained for fewer passes than the policies it judges is no upper bound: with
+    `inputs: {budget: em}` each group's fit gets EM's largest epochs_seen."""
+    backend, data = _bandit_run(tmp_path, labelled=True, annotators=12)
+    budget = {"policies": {"em/type0": "em/type0"}, "epochs_seen": {"em/type0": 37.0, "em/type1": 12.0}}
+    out = GroupDPOStage().run(_ctx(tmp_path, "oracle", backend), GroupDPOConfig(),
+                              {"dataset": data, "budget": budget})
+    assert out["epochs_seen"] == {"oracle/group0": 37.0, "oracle/group1": 37.0}
+    assert [f["steps"] for f in out["fit"]] == [37, 37]
+    out = GroupDPOStage().run(_ctx(tmp_path, "oracle2", backend), GroupDPOConfig(epochs=5), {"dataset": data})
+    assert out["epochs_seen"] == {"oracle2/group0": 5.0, "oracle2/group1": 5.0}

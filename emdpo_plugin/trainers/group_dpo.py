@@ -3,9 +3,11 @@
 The known-groups upper bound, and the independent oracle `pi*_g` the report measures regret
 against (appendix E): a policy of the method being evaluated (an EM type, an ensemble member)
 can never serve as its own yardstick. Needs the dataset's `group` labels on every training row
-and refuses data without them. Each fit starts from the reference (cold, the backend's full
-schedule), so every oracle sees the same number of passes over its group's rows; the fits go
-through the run's executor, so a Ray executor trains them side by side.
+and refuses data without them. Each fit starts from the reference (cold), so every oracle sees
+the same number of passes over its group's rows: the backend's full schedule, `epochs`, or, with
+`inputs: {budget: <stage>}`, the largest `epochs_seen` of that stage (as `dpo_matched` does). An
+oracle trained for fewer passes than the policies it judges is no upper bound: the recipes give
+it EM's budget. The fits go through the run's executor, so a Ray executor trains them side by side.
 """
 
 from __future__ import annotations
@@ -14,16 +16,21 @@ import re
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
 from ..artifacts import Slot
+from ..backends.base import FitSchedule
 from ..errors import RecipeError
 from ..executors import FitJob
 from .base import StageConfig, StageContext, Trainer
 from .common import dataset_from, rel_path
+from .dpo import budget_from
 
 
 class GroupDPOConfig(StageConfig):
     seed: int | None = None  # defaults to the recipe seed
+    epochs: float | None = Field(None, gt=0, description="passes over each group's rows (default: the backend's "
+                                                         "cold-fit budget); inputs.budget overrides it")
 
 
 def cold_fit_epochs(backend: Any) -> float | None:
@@ -51,7 +58,9 @@ class GroupDPOStage(Trainer):
     name = "group_dpo"
     description = "Known-groups oracle: one DPO policy per labelled group on its own comparisons (regret yardstick)."
     Config = GroupDPOConfig
-    input_slots = {"dataset": Slot(("dataset",), "comparisons whose annotators carry group labels")}
+    input_slots = {"dataset": Slot(("dataset",), "comparisons whose annotators carry group labels"),
+                   "budget": Slot(("policies",), "optional: a stage whose epochs_seen (largest over its policies) "
+                                                 "sets each oracle's passes")}
     produces = ("policies",)
     required_inputs = ("dataset",)
 
@@ -64,8 +73,10 @@ class GroupDPOStage(Trainer):
                               f"({missing} of {len(train)} rows have none); drop this stage for unlabelled data")
         groups = sorted(set(labels))
         backend, seed = ctx.backend, ctx.seed if config.seed is None else config.seed
+        epochs = budget_from(ctx, inputs["budget"]) if "budget" in inputs else config.epochs
+        schedule = FitSchedule(epochs=epochs) if epochs is not None else None
         jobs = [FitJob(backend.new_policy(seed + 1000 * i), (labels == g).astype(np.float64), False,
-                       f"{ctx.stage_name} {g}") for i, g in enumerate(groups)]
+                       f"{ctx.stage_name} {g}", schedule) for i, g in enumerate(groups)]
         fits = ctx.executor.fit_many(backend, train, jobs)
         names: dict[str, str] = {}
         oracle: dict[str, str] = {}
@@ -76,7 +87,7 @@ class GroupDPOStage(Trainer):
             name = f"{ctx.stage_name}/{g}"
             names[name] = rel_path(ctx, path)
             oracle[g] = name
-        epochs = cold_fit_epochs(backend)
+        seen = [float(f["epochs"]) if isinstance(f, dict) and "epochs" in f else cold_fit_epochs(backend) for f in fits]
         return {"policies": names, "oracle_groups": oracle,
-                "epochs_seen": {n: epochs for n in names},
+                "epochs_seen": dict(zip(names, seen)),
                 "rows": {g: int((labels == g).sum()) for g in groups}, "fit": fits}
