@@ -33,7 +33,7 @@ SMALL = ["data.config.users=24", "data.config.pairs_per_user=6", "data.config.te
 def test_cpu_recipe_runs_every_stage_and_exports(tmp_path):
     out = tmp_path / "run"
     args = [OPENRLHF, "run", "recipes/emdpo_imdb_cpu.yaml", "--output-dir", str(out)]
-    for s in SMALL:
+    for s in SMALL + [f"logger.tensorboard_dir={tmp_path / 'tb'}"]:
         args += ["--set", s]
     # a fresh process: no rendezvous variables inherited from in-process tests of this session
     # (their TCP store still holds that MASTER_PORT)
@@ -43,6 +43,19 @@ def test_cpu_recipe_runs_every_stage_and_exports(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = json.loads((out / "run.json").read_text())
     assert [s for s, v in run["stages"].items() if v["status"] != "done"] == []
+    log = (out / "run.log").read_text()
+    assert all(f"done {stage} in " in log for stage in run["stages"]), log[-2000:]
+    # tracking: the EM log-likelihood once per iteration, the host trainer's M-step loss once per step
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (tb,) = (tmp_path / "tb").iterdir()
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("em/log_likelihood")] == [1, 2]
+    loss = [e.step for e in acc.Scalars("em/train/loss")]
+    assert loss == list(range(1, len(loss) + 1)) and len(loss) >= 6  # 2 seeding fits + 2 x 2 M-steps, >= 1 step each
+    assert len(acc.Scalars("em/train/lr")) == len(loss)
+    assert len(acc.Scalars("dpo/train/loss")) >= 1
     m = json.loads((out / "report" / "metrics.json").read_text())
     assert set(m["dataset"]["groups"]) == {"sentiment", "grammar"}
     for stage in ("em", "kmeans"):

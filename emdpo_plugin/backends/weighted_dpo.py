@@ -21,6 +21,7 @@ from openrlhf.utils.utils import zero_pad_sequences
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from .. import tracking
 from ..algorithms.likelihood import comparison_loglik
 
 
@@ -108,6 +109,9 @@ class WeightedDPOTrainer(DPOTrainer):
         self.mean_weight = mean_weight  # over the whole weighted set: minibatch losses are unbiased
         # a budget in micro-batches (whole optimiser steps) that may end inside an epoch
         self.max_micro_batches = max_micro_batches or max_epochs * len(train_dataloader)
+        tracker = tracking.active()  # the run's one tracker (recipe `logger:`), not one per fit
+        if tracker is not None and self.strategy.is_rank_0():
+            self._wandb, self._tensorboard = None, tracker.host_writer()
 
     def fit(self, args, consumed_samples=0, num_update_steps_per_epoch=None, desc: str = "M-step") -> dict:
         # the host's conventions: -1 means once per epoch (eval) and never (checkpoints)

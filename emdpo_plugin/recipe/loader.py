@@ -13,11 +13,12 @@ from typing import Any, Iterable
 import yaml
 
 from ..errors import RecipeError
+from .schema import Recipe
 
-TOP_LEVEL_KEYS = ("name", "extends", "seed", "output_dir", "executor", "model", "data", "stages")
+TOP_LEVEL_KEYS = ("extends", *Recipe.model_fields)  # the schema decides; `extends` is resolved here
 STAGE_KEYS = ("name", "trainer", "inputs", "config", "drop")
-# Where `--set` may create missing intermediate mappings: free-form sections only.
-_OPEN_SECTIONS = ("config", "model", "data")
+# Where `--set` may create missing intermediate mappings (the schema validates them after).
+_OPEN_SECTIONS = ("config", "model", "data", "logger")
 
 
 def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> dict[str, Any]:
@@ -166,12 +167,13 @@ def _fill_defaults(recipe: dict[str, Any], path: Path) -> None:
     recipe.setdefault("seed", 0)
     recipe.setdefault("model", {})
     recipe.setdefault("data", {})
+    recipe.setdefault("executor", {})
+    recipe.setdefault("logger", {})
     recipe.setdefault("stages", [])
     for stage in recipe["stages"]:
         stage.setdefault("inputs", {})
         stage.setdefault("config", {})
-    order = ("name", "seed", "output_dir", "executor", "model", "data", "stages")
-    items = {k: recipe[k] for k in order if k in recipe}
+    items = {k: recipe[k] for k in Recipe.model_fields if k in recipe}
     recipe.clear()
     recipe.update(items)
 
@@ -256,7 +258,7 @@ def _open_section_index(parts: list[str], open_from: int) -> int | None:
     """Index in `parts` of the free-form section the key lives in, None outside one."""
     if open_from == 2:  # stages.<name>.config...
         return 2 if parts[2] == "config" else None
-    return 0 if parts[0] in ("model", "data") else None
+    return 0 if parts[0] in ("model", "data", "logger") else None
 
 
 def _kind(value: Any) -> str:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 from rich.console import Console
 from rich.markup import escape
 
-from .. import dist, registry
+from .. import dist, registry, runlog, tracking
 from ..artifacts import validate_outputs
 from ..errors import EmdpoError, RecipeError
 from ..executors import make_executor
@@ -129,11 +129,19 @@ def _drive(plan: Plan, run_dir: Path, resume: bool, backend_factory: BackendFact
             backend_cache["executor"] = make_executor(plan.executor, plan.recipe, run_dir)
         return backend_cache["executor"]
 
-    try:
-        _run_stages(plan, state, reuse, run_dir, shared_backend, shared_executor, console)
-    finally:
-        if "executor" in backend_cache:
-            backend_cache["executor"].close()
+    logger = plan.typed.logger if plan.typed is not None else tracking.LoggerConfig()
+    with runlog.run_logging(run_dir):
+        tracker = tracking.Tracker(logger, run_name=f"{plan.name}-{run_dir.resolve().name}", config=plan.recipe,
+                                   run_dir=run_dir) if logger.enabled else None
+        tracking.set_active(tracker)
+        try:
+            _run_stages(plan, state, reuse, run_dir, shared_backend, shared_executor, console)
+        finally:
+            tracking.set_active(None)
+            if tracker is not None:
+                tracker.close()
+            if "executor" in backend_cache:
+                backend_cache["executor"].close()
     return state.data
 
 
@@ -143,7 +151,7 @@ def _run_stages(plan: Plan, state: RunState, reuse: set[str], run_dir: Path, sha
     for ps in plan.stages:
         name = ps.spec.name
         if name in reuse:
-            console.print(f"skip {escape(name)} (done)")
+            _say(console, f"skip {escape(name)} (done)")
             continue
         inputs = {slot: dict(state.stages[src].get("outputs") or {}) for slot, src in ps.spec.inputs.items()}
         ctx = StageContext(
@@ -155,7 +163,9 @@ def _run_stages(plan: Plan, state: RunState, reuse: set[str], run_dir: Path, sha
             _executor_factory=shared_executor,
             _datasets=datasets,
         )
-        console.print(f"[bold]start[/] {escape(name)} ({escape(ps.spec.trainer)})")
+        _say(console, f"[bold]start[/] {escape(name)} ({escape(ps.spec.trainer)})")
+        if tracking.active() is not None:
+            tracking.active().stage = name
         state.mark_running(name)
         started = time.perf_counter()
         try:
@@ -164,14 +174,21 @@ def _run_stages(plan: Plan, state: RunState, reuse: set[str], run_dir: Path, sha
         except BaseException as exc:
             seconds = time.perf_counter() - started
             state.mark_failed(name, _error_text(exc), seconds)
-            console.print(f"[bold red]failed[/] {escape(name)} after {seconds:.1f}s: {escape(_error_text(exc))}")
+            _say(console, f"[bold red]failed[/] {escape(name)} after {runlog.duration(seconds)}: "
+                          f"{escape(_error_text(exc))}")
             raise
         seconds = time.perf_counter() - started
         if ctx._executor is not None and ctx._executor.timeline:  # when each fit ran (Ray: side by side)
             state.stages[name]["fit_timeline"] = ctx._executor.timeline[:]
             ctx._executor.timeline.clear()
         state.mark_done(name, outputs, seconds)
-        console.print(f"[bold green]done[/] {escape(name)} in {seconds:.1f}s")
+        _say(console, f"[bold green]done[/] {escape(name)} in {runlog.duration(seconds)}")
+
+
+def _say(console: Console, markup: str) -> None:
+    """A runner line: styled on the terminal, plain in run.log."""
+    console.print(markup)
+    runlog.info(markup, terminal=False)
 
 
 def _checked_outputs(stage: str, outputs: Any) -> dict[str, Any]:

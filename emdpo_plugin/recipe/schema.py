@@ -17,6 +17,7 @@ from .. import registry
 from ..artifacts import as_slot
 from ..errors import EmdpoError, RecipeError
 from ..executors import ExecutorConfig
+from ..tracking import LoggerConfig
 from ..trainers.base import StageConfig
 
 STAGE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
@@ -44,6 +45,7 @@ class Recipe(BaseModel):
     model: dict[str, Any] = {}
     data: dict[str, Any] = {}
     executor: ExecutorConfig = ExecutorConfig()
+    logger: LoggerConfig = LoggerConfig()
     stages: list[StageSpec]
 
 

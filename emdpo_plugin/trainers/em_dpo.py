@@ -44,6 +44,7 @@ import copy
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,7 +53,9 @@ from pydantic import Field, field_validator
 from scipy.special import logsumexp
 from tqdm.auto import tqdm
 
+from .. import runlog, tracking
 from ..algorithms.em import annotator_loglik, comparison_weights, dirichlet_responsibilities, e_step, update_eta
+from ..algorithms.metrics import clustering_scores
 from ..artifacts import Slot
 from ..backends.base import FitSchedule
 from ..data.schema import ComparisonSet
@@ -227,12 +230,12 @@ def m_step(backend: Any, policies: list[Any], data: ComparisonSet, weights: np.n
 
 def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _Checkpoint, desc: str,
            init_resp: np.ndarray | None = None, executor: Executor = LOCAL,
-           restart: int = 0) -> tuple[dict[str, Any], list[Any]]:
+           restart: int = 0, track: str | None = None) -> tuple[dict[str, Any], list[Any]]:
     """One EM run from one seed with `cfg.K` types (an int); returns (state, policies).
 
     Resumes from `ckpt` if present. `init_resp` (annotators x K), e.g. another stage's
     clustering, replaces the seeded start. `state["epochs_seen"]` holds each type's training
-    passes (see `epochs_seen`)."""
+    passes (see `epochs_seen`). `track` names the tracker namespace of its per-iteration series."""
     K = cfg.K
     assert isinstance(K, int), "run_em takes one K; the stage selects among several"
     ref = backend.ref_score(data)  # once per dataset, never inside the loop
@@ -269,6 +272,9 @@ def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _C
             log_resp = np.log(dirichlet_responsibilities(data.n_annotators, K, seed, cfg.init_concentration))
             state["start"] = "dirichlet"
     bar = tqdm(total=cfg.iterations, initial=state["iteration"], desc=desc, leave=False)
+    groups = data.annotator_groups()
+    groups = groups if groups and all(g is not None for g in groups) else None
+    started, first_iteration = time.perf_counter(), state["iteration"]
     while state["iteration"] < cfg.iterations:
         eta = update_eta(log_resp)
         weights = comparison_weights(np.exp(log_resp), data.annotator_index, cfg.min_responsibility)
@@ -294,10 +300,33 @@ def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _C
         ckpt.save(backend, state, policies, ll, passes)
         bar.update(1)
         bar.set_postfix(loglik=f"{est.log_likelihood:.3f}", eta=np.round(eta, 3).tolist())
+        _report_iteration(desc, track, state, cfg.iterations, weights, log_resp, groups,
+                          (time.perf_counter() - started) / (state["iteration"] - first_iteration))
         if converged:
             break
     bar.close()
     return state, policies
+
+
+def _report_iteration(desc: str, track: str | None, state: dict[str, Any], iterations: int, weights: np.ndarray,
+                      log_resp: np.ndarray, groups: list[str] | None, seconds_per_iteration: float) -> None:
+    """One summary line per EM iteration (terminal and run.log) and its series for the tracker."""
+    it, ll, eta = state["iteration"], state["log_likelihood"][-1], state["eta"]
+    rows = (weights > 0).sum(axis=0).tolist()
+    resp = np.exp(log_resp)
+    values: dict[str, float | None] = {"log_likelihood": ll, "iteration_seconds": seconds_per_iteration,
+                                       "responsibility_entropy": float(-(resp * log_resp).sum(1).mean()),
+                                       **{f"eta_{k}": e for k, e in enumerate(eta)},
+                                       **{f"rows_trained_{k}": r for k, r in enumerate(rows)}}
+    if groups is not None:
+        values.update(clustering_scores(groups, resp.argmax(1)))
+    remaining = 0 if state["done"] else iterations - it
+    runlog.info(f"{desc} iteration {it}/{iterations}: log-likelihood {ll:.3f}, eta {np.round(eta, 3).tolist()}, "
+                f"rows trained {rows}, {runlog.duration(seconds_per_iteration)}/iteration, "
+                f"ETA {runlog.duration(remaining * seconds_per_iteration)}")
+    tracker = tracking.active()
+    if tracker is not None:
+        tracker.scalars(track or tracker.stage, values, it)
 
 
 def heldout_split(data: ComparisonSet, fraction: float, seed: int) -> np.ndarray:
@@ -354,8 +383,10 @@ class EMDPOStage(Trainer):
         runs = []
         for r in range(config.restarts):
             ckpt = _Checkpoint(root / f"r{r}", fingerprint)
+            track = "/".join([ctx.stage_name, *label.split(), *([f"restart{r}"] if config.restarts > 1 else [])])
             state, policies = run_em(ctx.backend, data, config, base_seed + r, ckpt,
-                                     f"{ctx.stage_name}{label} restart {r}", init_resp, ctx.executor, restart=r)
+                                     f"{ctx.stage_name}{label} restart {r}", init_resp, ctx.executor, restart=r,
+                                     track=track)
             runs.append((state["log_likelihood"][-1], r, state, policies))
         return max(runs, key=lambda t: t[0]), runs
 

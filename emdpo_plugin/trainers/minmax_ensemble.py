@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..algorithms.minmax import game_value_lp, optimistic_hedge, regret_matrix
 from ..backends.base import SupportsExactExpectation, SupportsExport, SupportsVLLMSampling
 from .base import StageConfig, StageContext, Trainer
-from .. import __version__
+from .. import __version__, tracking
 from ..artifacts import Slot
 from ..errors import EmdpoError, RecipeError
 from ..export.routing import RoutingConfig, mixture_entries, write_routing
@@ -123,6 +123,18 @@ def resolve_priority(ctx: StageContext, priority: list[float] | dict[str, float]
     return c
 
 
+def _track(stage: str, trajectory: np.ndarray, weights: np.ndarray, hedge_value: float, lp_value: float) -> None:
+    """The weights along the Hedge steps (at most 200 points) and the final game, for the tracker."""
+    tracker = tracking.active()
+    if tracker is None:
+        return
+    every = max(1, len(trajectory) // 200)
+    for t in range(0, len(trajectory), every):
+        tracker.scalars(f"{stage}/hedge", {f"weight_{k}": w for k, w in enumerate(trajectory[t])}, t)
+    tracker.scalars(stage, {"hedge_value": hedge_value, "lp_value": lp_value,
+                            **{f"weight_{k}": w for k, w in enumerate(weights)}}, 0)
+
+
 class MinMaxEnsembleStage(Trainer):
     name = "minmax_ensemble"
     description = "MinMax-DPO: min-max-regret mixture weights over an earlier stage's type policies."
@@ -167,6 +179,7 @@ class MinMaxEnsembleStage(Trainer):
         lp_value, lp_weights = game_value_lp(R)
         out = ctx.out_dir
         np.savez(out / "game.npz", L=L, R=R, trajectory=hedge.trajectory, weights=hedge.weights)
+        _track(ctx.stage_name, hedge.trajectory, hedge.weights, hedge.value, lp_value)
         ensemble = {"name": f"{ctx.stage_name}/ensemble", "policies": names, "weights": hedge.weights.tolist(),
                     "paths": inputs["policies"]["policies"], "beta": backend.beta,
                     "hedge_value": hedge.value, "lp_value": lp_value, "lp_weights": lp_weights.tolist(),

@@ -32,6 +32,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, model_serializer
 
+from .. import tracking
 from ..artifacts import Slot
 from ..backends.base import SupportsExactRegret
 from ..config import StrictModel
@@ -71,6 +72,18 @@ class ReportConfig(StageConfig):
         if isinstance(out, dict) and out.get("identifiability") is None:
             out.pop("identifiability", None)
         return out
+
+
+def _track(stage: str, policies: dict[str, Any]) -> None:
+    """The per-group metrics as one table for the tracker (policy, group, accuracy, margin, regret)."""
+    tracker = tracking.active()
+    if tracker is None:
+        return
+    rows = [[name, group, m.get("accuracy"), m.get("margin"), m.get("regret")]
+            for name, p in policies.items() for group, m in (p.get("per_group") or {}).items()]
+    rows += [[name, "(all)", (p.get("overall") or {}).get("accuracy"), (p.get("overall") or {}).get("margin"), None]
+             for name, p in policies.items() if not p.get("per_group")]
+    tracker.table(f"{stage}/per_group", ["policy", "group", "accuracy", "margin", "regret"], rows)
 
 
 class ReportStage(Trainer):
@@ -168,6 +181,7 @@ class ReportStage(Trainer):
             metrics["peak_rss_mib"] = {s: v["peak_rss_mib"] for s, v in stages.items() if v.get("peak_rss_mib")}
 
         out_dir = ctx.out_dir
+        _track(ctx.stage_name, metrics["policies"])
         figures = self._figures(ctx, metrics, ensembles, traces, largest)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (out_dir / "report.md").write_text(render_report(metrics, figures, title=config.title or ctx.recipe.get("name"))
