@@ -393,3 +393,54 @@ def test_installed_script_unknown_trainer(tmp_path):
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "no_such_trainer" in lines[0] and "Traceback" not in proc.stderr
+
+
+# --- one writer per run folder ------------------------------------------------------------------
+
+
+def test_second_run_into_a_locked_folder_fails_at_once_naming_the_holder(pipeline, tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:  # a second open file description: flock conflicts with it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242\n")
+        held.flush()
+        assert run_cli("run", pipeline) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: {out}: another openrlhf run (pid 4242)")
+        assert not (out / "run.json").exists()
+    assert run_cli("run", pipeline) == 0  # released: the next run goes ahead
+
+
+def test_lock_names_a_live_holder_process_and_dies_with_it(pipeline, tmp_path, capsys):
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from emdpo_plugin.recipe.lock import run_lock\n"
+         f"with run_lock({str(out)!r}):\n    print('locked', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert run_cli("run", pipeline) == 2
+        assert f"(pid {holder.pid})" in capsys.readouterr().err
+    finally:
+        holder.kill()  # killed, not released: the kernel drops the lock
+        holder.wait(10)
+    assert run_cli("run", pipeline) == 0
+
+
+def test_only_the_driver_rank_locks(pipeline, tmp_path, monkeypatch):
+    import fcntl
+
+    from emdpo_plugin import dist
+
+    served = []
+    monkeypatch.setattr(dist, "init_distributed", lambda: None)
+    monkeypatch.setattr(dist, "is_driver", lambda: False)
+    monkeypatch.setattr(dist, "worker_loop", served.append)
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:  # rank 0 holds it; a worker rank must not try
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert run_plan(validate_recipe(load_recipe(pipeline)), out) == {} and len(served) == 1

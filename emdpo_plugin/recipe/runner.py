@@ -21,6 +21,7 @@ from ..artifacts import validate_outputs
 from ..errors import EmdpoError, RecipeError
 from ..executors import make_executor
 from ..trainers.base import StageContext
+from .lock import run_lock
 from .schema import Plan, PlannedStage
 from .state import RunState, config_hash, save_resolved_recipe
 
@@ -68,7 +69,8 @@ def run_plan(
 
     A failing stage is recorded as failed (with its error) and the exception propagates.
     Under a launcher (torchrun, deepspeed) rank 0 runs the stages and the other ranks serve its
-    backend calls (`emdpo_plugin.dist`); they return an empty dict.
+    backend calls (`emdpo_plugin.dist`); they return an empty dict. Only the driver holds the
+    run folder's lock (`lock.run_lock`): a second run into the folder fails at once.
     """
     run_dir = Path(output_dir)
     dist.init_distributed()
@@ -80,7 +82,8 @@ def run_plan(
         raise RecipeError("executor.kind: ray starts its own workers; run it without torchrun/deepspeed")
     error = None
     try:
-        return _drive(plan, run_dir, resume, backend_factory, console or Console(highlight=False))
+        with run_lock(run_dir):
+            return _drive(plan, run_dir, resume, backend_factory, console or Console(highlight=False))
     except BaseException as exc:
         error = _error_text(exc)
         raise
