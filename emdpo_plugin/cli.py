@@ -296,19 +296,31 @@ def add_serve(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--vllm-port", type=int, default=None, help="vLLM's loopback port (default: a free port)")
     p.add_argument("--seed", type=int, default=0, help="seed of the adapter draws and of vLLM")
     p.add_argument("--startup-timeout", type=float, default=600.0, metavar="S", help="seconds to wait for vLLM")
-    p.add_argument("--request-timeout", type=float, default=600.0, metavar="S",
-                   help="seconds a request may wait for vLLM before a 504")
+    limits = p.add_argument_group("request limits (each refusal is a one-line JSON error)")
+    limits.add_argument("--max-body-bytes", type=int, default=4 * 2**20, metavar="N",
+                        help="largest request body; larger is 413 (default: 4 MiB)")
+    limits.add_argument("--max-json-depth", type=int, default=64, metavar="N",
+                        help="deepest nesting of arrays/objects in a request; deeper is 400 (default: 64)")
+    limits.add_argument("--request-timeout", type=float, default=600.0, metavar="S",
+                        help="total seconds for a request: its body, then vLLM's whole answer (a stream's first "
+                             "bytes); later is 408/504 (default: 600)")
+    limits.add_argument("--max-stream-seconds", type=float, default=1800.0, metavar="S",
+                        help="a streamed answer is cut with an error event after S seconds (default: 1800)")
     p.add_argument("--log-dir", metavar="DIR", help="vLLM logs (default: serve-logs/ beside ROUTING.yaml)")
     p.set_defaults(func=cmd_serve)
     return p
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .serve import serve
+    from .serve import RouterLimits, serve
 
+    try:
+        limits = RouterLimits(max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout,
+                              max_stream_seconds=args.max_stream_seconds, max_json_depth=args.max_json_depth)
+    except ValueError as exc:
+        raise EmdpoError(str(exc)) from None
     return serve(args.routing, host=args.host, port=args.port, vllm_args=args.vllm_args, vllm_port=args.vllm_port,
-                 seed=args.seed, startup_timeout=args.startup_timeout, request_timeout=args.request_timeout,
-                 log_dir=args.log_dir)
+                 seed=args.seed, startup_timeout=args.startup_timeout, limits=limits, log_dir=args.log_dir)
 
 
 def add_export(subparsers: Any) -> argparse.ArgumentParser:

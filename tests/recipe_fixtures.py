@@ -69,6 +69,28 @@ class FailTrainer(Trainer):
         return {"ok": True}
 
 
+class ResumableTrainer(Trainer):
+    """Resumes from `ckpt/` (its `resume_state`); a failing attempt also leaves a half-written file."""
+
+    name = "resumable"
+    resume_state = ("ckpt",)
+
+    class Config(StageConfig):
+        fail: bool = False
+
+    def run(self, ctx, config, inputs):
+        out = ctx.out_dir
+        found = sorted(p.name for p in out.iterdir())
+        ckpt = out / "ckpt" / "state.txt"
+        resumed = ckpt.read_text() if ckpt.exists() else None
+        ckpt.parent.mkdir(exist_ok=True)
+        ckpt.write_text(f"attempt {bump_count(ctx)}")
+        (out / "half.txt").write_text("half")
+        if config.fail:
+            raise RuntimeError("killed half-way")
+        return {"found_at_start": found, "resumed_from": resumed}
+
+
 class BackendTrainer(Trainer):
     """Touches ctx.backend twice: the runner must build one backend per run."""
 

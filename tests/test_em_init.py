@@ -173,3 +173,36 @@ def test_dpo_budget_input_trains_for_the_em_passes(tmp_path):
     plain = DPOStage().run(StageContext(run_dir=tmp_path, stage_name="dpo", seed=1, recipe={"model": {}},
                                         _backend=backend), DPOConfig(), {"dataset": data_out})
     assert plain["epochs_seen"] == {"dpo": 30.0}
+
+
+class _FolderBackend:
+    """save/load of a policy (a string) as a folder: enough for _Checkpoint."""
+
+    def save(self, policy: str, path: Path) -> None:
+        path.mkdir(parents=True)
+        (path / "policy.txt").write_text(policy)
+
+    def load(self, path: Path) -> str:
+        return (path / "policy.txt").read_text()
+
+
+def _save(ckpt: _Checkpoint, iteration: int) -> None:
+    ckpt.save(_FolderBackend(), {"iteration": iteration, "eta": [1.0]}, [f"policy {iteration}"], np.zeros((2, 1)),
+              np.zeros((2, 1)))
+
+
+def test_checkpoint_swap_survives_what_a_kill_leaves_behind(tmp_path):
+    ckpt = _Checkpoint(tmp_path / "restarts" / "r0", "fp")
+    _save(ckpt, 1)
+    # killed after moving r0 aside and before deleting it: a full r0.old beside r0, and a half r0.tmp
+    (tmp_path / "restarts" / "r0.old" / "type0").mkdir(parents=True)
+    (tmp_path / "restarts" / "r0.tmp" / "junk").mkdir(parents=True)
+    _save(ckpt, 2)  # the next swap still works
+    state, policies, _, _ = ckpt.load(_FolderBackend())
+    assert state["iteration"] == 2 and policies == ["policy 2"]
+    assert sorted(p.name for p in (tmp_path / "restarts").iterdir()) == ["r0"]
+    # killed between the two renames: only r0.old holds the last checkpoint; a resume finds it
+    (tmp_path / "restarts" / "r0").rename(tmp_path / "restarts" / "r0.old")
+    state, policies, _, _ = _Checkpoint(tmp_path / "restarts" / "r0", "fp").load(_FolderBackend())
+    assert state["iteration"] == 2 and policies == ["policy 2"]
+    assert sorted(p.name for p in (tmp_path / "restarts").iterdir()) == ["r0"]

@@ -208,6 +208,7 @@ def test_unknown_config_key_and_bad_type(tmp_path):
         (f"- {{name: a, trainer: '{W}', inputs: {{zzz: a}}}}", r"stages\.a\.inputs\.zzz: unknown input slot"),
         (f"- {{name: 1a, trainer: '{W}'}}", r"stages\.1a\.name: '1a' is not a valid stage name"),
         (f"- {{name: a, trainer: '{W}', config: 3}}", r"stages\.a\.config: expected mapping, got 3"),
+        (f"- {{name: cache, trainer: '{W}'}}", r"stages\.cache\.name: 'cache' is reserved for the run folder's"),
     ],
 )
 def test_stage_graph_errors(tmp_path, stages, message):
@@ -393,3 +394,133 @@ def test_installed_script_unknown_trainer(tmp_path):
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "no_such_trainer" in lines[0] and "Traceback" not in proc.stderr
+
+
+# --- one writer per run folder ------------------------------------------------------------------
+
+
+def test_second_run_into_a_locked_folder_fails_at_once_naming_the_holder(pipeline, tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:  # a second open file description: flock conflicts with it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242\n")
+        held.flush()
+        assert run_cli("run", pipeline) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: {out}: another openrlhf run (pid 4242)")
+        assert not (out / "run.json").exists()
+    assert run_cli("run", pipeline) == 0  # released: the next run goes ahead
+
+
+def test_lock_names_a_live_holder_process_and_dies_with_it(pipeline, tmp_path, capsys):
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from emdpo_plugin.recipe.lock import run_lock\n"
+         f"with run_lock({str(out)!r}):\n    print('locked', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert run_cli("run", pipeline) == 2
+        assert f"(pid {holder.pid})" in capsys.readouterr().err
+    finally:
+        holder.kill()  # killed, not released: the kernel drops the lock
+        holder.wait(10)
+    assert run_cli("run", pipeline) == 0
+
+
+def test_only_the_driver_rank_locks(pipeline, tmp_path, monkeypatch):
+    import fcntl
+
+    from emdpo_plugin import dist
+
+    served = []
+    monkeypatch.setattr(dist, "init_distributed", lambda: None)
+    monkeypatch.setattr(dist, "is_driver", lambda: False)
+    monkeypatch.setattr(dist, "worker_loop", served.append)
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:  # rank 0 holds it; a worker rank must not try
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert run_plan(validate_recipe(load_recipe(pipeline)), out) == {} and len(served) == 1
+
+
+# --- stage folders: nothing half-written is read --------------------------------------------------
+
+
+@pytest.fixture
+def resumable(tmp_path: Path) -> Path:
+    """a (write) -> r (writes a stray file and a checkpoint, then fails unless told not to) -> c (reads r)."""
+    return write(
+        tmp_path / "res.yaml",
+        f"""
+        name: res
+        output_dir: {tmp_path / 'out'}
+        stages:
+          - {{name: a, trainer: "{W}"}}
+          - {{name: r, trainer: "{M}:ResumableTrainer", config: {{fail: true}}}}
+          - {{name: c, trainer: "{C}", inputs: {{source: r}}}}
+        """,
+    )
+
+
+def test_a_killed_stage_keeps_only_its_resume_state_and_is_never_read(resumable, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="killed half-way"):
+        run_cli("run", resumable)
+    assert sorted(p.name for p in (out / "r").iterdir()) == ["ckpt", "half.txt"]
+    state = json.loads((out / "run.json").read_text())
+    assert state["stages"]["r"]["status"] == "failed" and state["stages"]["r"]["outputs"] is None
+    assert state["stages"]["c"]["status"] == "pending"  # nothing downstream read the half-written folder
+    (out / ".run.json.x1y2.tmp").write_text("{")  # a kill inside write_atomic
+    assert run_cli("run", resumable, "--resume", "--set", "stages.r.config.fail=false") == 0
+    r = json.loads((out / "run.json").read_text())["stages"]["r"]["outputs"]
+    assert r["found_at_start"] == ["ckpt"] and r["resumed_from"] == "attempt 1"
+    assert "removed what an unfinished or earlier attempt left in r/: half.txt" in capsys.readouterr().out
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_a_rerun_stage_loses_the_files_of_its_earlier_result(pipeline, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli("run", pipeline) == 0
+    (out / "c" / "stale.txt").write_text("from the run before")  # c re-runs after b
+    assert run_cli("run", pipeline, "--resume", "--set", "stages.b.config.scale=2") == 0
+    assert not (out / "c" / "stale.txt").exists() and (out / "c" / "out.txt").exists()
+
+
+def test_em_stage_rerun_after_a_kill_resumes_from_its_checkpoints_only(tmp_path):
+    """The real em_dpo stage: a re-run keeps restarts/ (its resume state) and nothing else."""
+    p = write(
+        tmp_path / "em.yaml",
+        f"""
+        name: em
+        seed: 1
+        output_dir: {tmp_path / 'out'}
+        model: {{backend: bandit, epochs: 20, warm_epochs: 20}}
+        data: {{builder: bandit, config: {{annotators: 16, pairs_per_annotator: 4}}}}
+        stages:
+          - {{name: data, trainer: data}}
+          - {{name: em, trainer: em_dpo, inputs: {{dataset: data}}, config: {{K: 2, iterations: 2, restarts: 2}}}}
+        """,
+    )
+    out = tmp_path / "out"
+    assert run_cli("run", p) == 0
+    first = json.loads((out / "run.json").read_text())["stages"]["em"]["outputs"]
+    for r in ("r0", "r1"):  # a refit would swap in new checkpoint folders without these
+        (out / "em" / "restarts" / r / "kept.txt").write_text(r)
+    # what a kill during the stage's final writes leaves: run.json says running, a half-written
+    # result, and a checkpoint swap stopped half-way
+    state = json.loads((out / "run.json").read_text())
+    state["stages"]["em"].update(status="running", outputs=None)
+    (out / "run.json").write_text(json.dumps(state))
+    (out / "em" / "clustering.json").write_text("{")
+    (out / "em" / "restarts" / "r1").rename(out / "em" / "restarts" / "r1.old")
+    assert run_cli("run", p, "--resume") == 0
+    again = json.loads((out / "run.json").read_text())["stages"]["em"]["outputs"]
+    assert again["log_likelihood"] == first["log_likelihood"] and again["iterations"] == first["iterations"]
+    assert json.loads((out / "em" / "clustering.json").read_text())["resumed_from_iteration"] == []
+    assert sorted(p.name for p in (out / "em" / "restarts").iterdir()) == ["r0", "r1"]
+    # resumed, not refitted: the finished checkpoints were read, never written again
+    assert all((out / "em" / "restarts" / r / "kept.txt").exists() for r in ("r0", "r1"))

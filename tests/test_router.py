@@ -4,17 +4,25 @@ The real vLLM end-to-end test is tests/test_serve_vllm.py (slow)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import socket
+import threading
+import time
 from collections import Counter
+from contextlib import contextmanager
+from typing import Iterator
 
 import httpx
 import pytest
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.testclient import TestClient
 
 from emdpo_plugin.export.routing import AdapterEntry, RoutingConfig
+from emdpo_plugin.serve.limits import RouterLimits
 from emdpo_plugin.serve.router import AdapterChooser, Target, build_app
 
 WEIGHTS = {"type0": 0.3, "type1": 0.7}
@@ -52,10 +60,11 @@ def routing(weights=WEIGHTS) -> RoutingConfig:
                                                       for n, w in weights.items()])
 
 
-def client_for(upstream: FastAPI | None = None, alive: bool = True, weights=WEIGHTS, seed: int = 0) -> TestClient:
+def client_for(upstream: FastAPI | None = None, alive: bool = True, weights=WEIGHTS, seed: int = 0,
+               limits: RouterLimits = RouterLimits()) -> TestClient:
     http = httpx.AsyncClient(transport=httpx.ASGITransport(app=upstream or fake_vllm()))
     targets = {n: Target("http://vllm", n, lambda: alive) for n in weights}
-    return TestClient(build_app(routing(weights), targets, seed=seed, client=http))
+    return TestClient(build_app(routing(weights), targets, seed=seed, limits=limits, client=http))
 
 
 def test_ensemble_requests_follow_the_weights():
@@ -209,3 +218,173 @@ def test_a_folder_that_is_not_a_lora_adapter_is_named(tmp_path):
     (tmp_path / "adapters" / "type1" / "adapter_config.json").unlink()
     with pytest.raises(EmdpoError, match="type1.*adapter_config.json"):
         plan_servers(path, routing(), extra_args=[], log_dir=tmp_path)
+
+
+# --- limits: every refusal is a status code and one line of JSON, in bounded time -------------
+
+
+def one_line_error(r: httpx.Response, status: int) -> str:
+    assert r.status_code == status, r.text
+    assert "\n" not in r.text.strip()
+    return r.json()["error"]["message"]
+
+
+@contextmanager
+def served(app: FastAPI) -> Iterator[str]:
+    """`app` on a real loopback port (uvicorn in a thread), for what an ASGI transport cannot
+    show: trickled bytes, hung connections, client disconnects."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="error", timeout_graceful_shutdown=1))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def real_client(url: str, limits: RouterLimits = RouterLimits()) -> TestClient:
+    """The router (in-process) with its own httpx client to a real upstream at `url`."""
+    return TestClient(build_app(routing(), {n: Target(url, n) for n in WEIGHTS}, limits=limits))
+
+
+def test_body_over_the_limit_is_413_declared_or_chunked():
+    with client_for(limits=RouterLimits(max_body_bytes=100)) as c:
+        assert c.post("/v1/completions", json={"prompt": "x" * 50}).status_code == 200
+        big = json.dumps({"prompt": "x" * 200}).encode()
+        assert "--max-body-bytes" in one_line_error(c.post("/v1/completions", content=big), 413)
+        chunked = c.post("/v1/completions", content=iter([big[:60], big[60:]]))  # no content-length
+        assert "--max-body-bytes" in one_line_error(chunked, 413)
+    assert 'emdpo_errors_total{reason="body_too_large"} 2.0' in c.get("/metrics").text
+
+
+@pytest.mark.parametrize("raw, message", [
+    (b'{"model": 5, "prompt": "x"}', "field 'model': expected a string, got int"),
+    (b'{"model": ["type0"], "prompt": "x"}', "field 'model': expected a string, got list"),
+    (b'{"user": {"id": 1}, "prompt": "x"}', "field 'user': expected a string, got dict"),
+    (b'{"stream": "yes", "prompt": "x"}', "field 'stream': expected true or false, got str"),
+    (b'{"prompt": "x", "temperature": NaN}', "non-finite number NaN"),
+    (b'{"prompt": "x", "temperature": Infinity}', "non-finite number Infinity"),
+    (b'{"prompt": "x", "temperature": -Infinity}', "non-finite number -Infinity"),
+    (b'{"prompt": "x", "temperature": 1e999}', "non-finite number 1e999"),
+    (b'{"prompt": "x", "logit_bias": ' + b"[" * 9 + b"]" * 9 + b"}", "deeper than 8 levels"),
+    (b"[" * 100_000 + b"]" * 100_000, "deeper than 8 levels"),  # past Python's recursion limit
+    (b'["not", "an object"]', "must be a JSON object"),
+])
+def test_bad_json_types_are_400(raw, message):
+    with client_for(limits=RouterLimits(max_json_depth=8)) as c:
+        r = c.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+        assert message in one_line_error(r, 400)
+        ok = {"prompt": "x", "logit_bias": [[[[[[[0]]]]]]]}  # 8 levels deep: allowed
+        assert c.post("/v1/completions", json=ok).status_code == 200
+
+
+def slow_vllm(started: threading.Event | None = None, seen_disconnect: threading.Event | None = None) -> FastAPI:
+    """Never finishes within a test: with `stream` or `trickle` it sends its headers and then a
+    few bytes every 0.1 s (so no single read waits long), otherwise it sends nothing. Notes when
+    the router hangs up on it."""
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await request.json()
+        if started:
+            started.set()
+        if not (body.get("stream") or body.get("trickle")):  # notices its client leaving, as vLLM does
+            for _ in range(400):
+                if await request.is_disconnected():
+                    seen_disconnect and seen_disconnect.set()
+                    return JSONResponse({})
+                await asyncio.sleep(0.05)
+            return JSONResponse({})
+
+        async def drip():
+            try:
+                yield "data: {}\n\n" if body.get("stream") else '{"choices": ['
+                for _ in range(200):
+                    await asyncio.sleep(0.1)
+                    yield "data: {}\n\n" if body.get("stream") else " "
+            finally:  # cancelled when the router closes the connection
+                seen_disconnect and seen_disconnect.set()
+        return StreamingResponse(drip(), media_type="text/event-stream" if body.get("stream") else "application/json")
+
+    return app
+
+
+@pytest.mark.parametrize("trickle", [False, True])
+def test_upstream_past_the_deadline_is_504_even_while_it_trickles(trickle):
+    with served(slow_vllm()) as url, real_client(url, RouterLimits(request_timeout=1.0)) as c:
+        t = time.monotonic()
+        r = c.post("/v1/completions", json={"model": "type0", "prompt": "x", "trickle": trickle})
+        assert "--request-timeout" in one_line_error(r, 504) and time.monotonic() - t < 5
+        assert r.headers["x-emdpo-adapter"] == "type0"
+
+
+def test_stream_is_cut_after_max_stream_seconds():
+    with served(slow_vllm()) as url, real_client(url, RouterLimits(max_stream_seconds=1.0)) as c:
+        t = time.monotonic()
+        with c.stream("POST", "/v1/completions", json={"model": "type1", "prompt": "x", "stream": True}) as r:
+            assert r.status_code == 200  # the status line went out before the cap
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert time.monotonic() - t < 5 and 3 <= len(events) < 30
+        last = json.loads(events[-1][len("data: "):])
+        assert last["error"]["code"] == 504 and "--max-stream-seconds" in last["error"]["message"]
+
+
+def test_slow_request_body_is_408():
+    router = build_app(routing(), {n: Target("http://127.0.0.1:9", n) for n in WEIGHTS},
+                       limits=RouterLimits(request_timeout=1.0))
+    with served(router) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                      b"content-length: 100\r\n\r\n{\"prompt\"")  # and then nothing
+            head = s.recv(4096).decode()
+    assert head.startswith("HTTP/1.1 408") and "--request-timeout" in head
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_disconnect_cancels_the_upstream_request(stream):
+    started, seen_disconnect = threading.Event(), threading.Event()
+    with served(slow_vllm(started, seen_disconnect)) as upstream:
+        router = build_app(routing(), {n: Target(upstream, n) for n in WEIGHTS})
+        with served(router) as url:
+            body = json.dumps({"model": "type0", "prompt": "x", "stream": stream}).encode()
+            with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=5) as s:
+                s.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                          b"content-length: %d\r\n\r\n%s" % (len(body), body))
+                assert started.wait(5)
+            assert seen_disconnect.wait(5), "the router kept its upstream request after the client left"
+
+
+def test_dead_upstream_is_a_5xx_within_5_seconds():
+    with socket.socket() as free:  # nothing listens here any more: connection refused
+        free.bind(("127.0.0.1", 0))
+        refused = free.getsockname()[1]
+    with socket.socket() as silent:  # accepts connections (backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        for port, limits, status in ((refused, RouterLimits(), 502),
+                                     (silent.getsockname()[1], RouterLimits(request_timeout=1.0), 504)):
+            with real_client(f"http://127.0.0.1:{port}", limits) as c:
+                t = time.monotonic()
+                one_line_error(c.post("/v1/completions", json={"prompt": "x"}), status)
+                assert time.monotonic() - t < 5
+
+
+def test_serve_limits_are_options_and_checked(capsys):
+    from emdpo_plugin.cli import main
+
+    assert main(["serve", "--help"]) == 0
+    text = capsys.readouterr().out
+    for option in ("--max-body-bytes", "--max-json-depth", "--request-timeout", "--max-stream-seconds"):
+        assert option in text
+    assert main(["serve", "routing.yaml", "--max-body-bytes", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--max-body-bytes: expected a positive number, got 0" in err

@@ -2,7 +2,8 @@
 
 Resume rule: stages already done with an unchanged config hash are skipped, up to the first
 changed or unfinished stage; that one and everything after it re-run, because later stages
-consume earlier outputs.
+consume earlier outputs. A stage is done only once its validated outputs are in run.json, and
+its folder is emptied (but for its resume state) before it runs again (`stage_dir`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from ..artifacts import validate_outputs
 from ..errors import EmdpoError, RecipeError
 from ..executors import make_executor
 from ..trainers.base import StageContext
+from .lock import run_lock
 from .schema import Plan, PlannedStage
+from .stage_dir import remove_write_leftovers, reset_stage_dir
 from .state import RunState, config_hash, save_resolved_recipe
 
 BackendFactory = Callable[[dict[str, Any], Path], Any]
@@ -68,7 +71,8 @@ def run_plan(
 
     A failing stage is recorded as failed (with its error) and the exception propagates.
     Under a launcher (torchrun, deepspeed) rank 0 runs the stages and the other ranks serve its
-    backend calls (`emdpo_plugin.dist`); they return an empty dict.
+    backend calls (`emdpo_plugin.dist`); they return an empty dict. Only the driver holds the
+    run folder's lock (`lock.run_lock`): a second run into the folder fails at once.
     """
     run_dir = Path(output_dir)
     dist.init_distributed()
@@ -80,7 +84,8 @@ def run_plan(
         raise RecipeError("executor.kind: ray starts its own workers; run it without torchrun/deepspeed")
     error = None
     try:
-        return _drive(plan, run_dir, resume, backend_factory, console or Console(highlight=False))
+        with run_lock(run_dir):
+            return _drive(plan, run_dir, resume, backend_factory, console or Console(highlight=False))
     except BaseException as exc:
         error = _error_text(exc)
         raise
@@ -110,6 +115,7 @@ def _drive(plan: Plan, run_dir: Path, resume: bool, backend_factory: BackendFact
         state = RunState.new(run_dir, recipe=plan.name, recipe_path=plan.source, seed=plan.seed)
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_write_leftovers(run_dir)
     save_resolved_recipe(run_dir, plan.recipe)
     state.set_plan([(ps.spec.name, ps.spec.trainer, hashes[ps.spec.name]) for ps in plan.stages], keep=reuse)
 
@@ -166,7 +172,11 @@ def _run_stages(plan: Plan, state: RunState, reuse: set[str], run_dir: Path, sha
         _say(console, f"[bold]start[/] {escape(name)} ({escape(ps.spec.trainer)})")
         if tracking.active() is not None:
             tracking.active().stage = name
-        state.mark_running(name)
+        state.mark_running(name)  # not done, so nothing reads its folder while it is rewritten
+        removed = reset_stage_dir(run_dir / name, getattr(ps.trainer, "resume_state", ()) or ())
+        if removed:
+            _say(console, f"  removed what an unfinished or earlier attempt left in {escape(name)}/: "
+                          f"{escape(', '.join(removed))}")
         started = time.perf_counter()
         try:
             outputs = _checked_outputs(name, ps.trainer().run(ctx, ps.config, inputs))

@@ -21,6 +21,8 @@ from ..tracking import LoggerConfig
 from ..trainers.base import StageConfig
 
 STAGE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+# folders of the run folder that are not stage folders (the runner empties a stage's folder)
+RESERVED_NAMES = {"cache": "reference log-prob cache (cache/)"}
 
 
 class StageSpec(BaseModel):
@@ -113,6 +115,8 @@ def _validate(raw: dict[str, Any], source: str | None) -> Plan:
             )
         if spec.name in seen:
             raise RecipeError(f"{where}: duplicate stage name")
+        if spec.name in RESERVED_NAMES:
+            raise RecipeError(f"{where}.name: {spec.name!r} is reserved for the run folder's {RESERVED_NAMES[spec.name]}")
         trainer = load_trainer(spec.trainer, where=f"{where}.trainer")
         try:
             config = trainer.Config.model_validate(spec.config)

@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 
 from ..export.routing import load_routing
+from .limits import RouterLimits
 from .router import Target, build_app
 from .vllm_server import plan_servers
 
-__all__ = ["serve"]
+__all__ = ["RouterLimits", "serve"]
 
 
 class _Stop(Exception):
@@ -25,7 +26,8 @@ class _Stop(Exception):
 
 def serve(routing_path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, vllm_args: list[str] = (),
           vllm_port: int | None = None, seed: int = 0, startup_timeout: float = 600.0,
-          request_timeout: float = 600.0, log_dir: str | Path | None = None) -> int:
+          limits: RouterLimits = RouterLimits(), log_dir: str | Path | None = None) -> int:
+    """Serve `routing_path` until SIGTERM/SIGINT; returns the exit code."""
     import uvicorn
 
     routing_path = Path(routing_path)
@@ -51,7 +53,7 @@ def serve(routing_path: str | Path, *, host: str = "127.0.0.1", port: int = 8000
             return 143
         signal.signal(signal.SIGTERM, previous)  # uvicorn installs its own graceful handlers
         targets = {name: Target(server.url, model, server.alive) for name, (server, model) in placement.items()}
-        app = build_app(cfg, targets, seed=seed, request_timeout=request_timeout)
+        app = build_app(cfg, targets, seed=seed, limits=limits)
         weights = ", ".join(f"{a.name}={a.weight:.3f}" for a in cfg.adapters)
         print(f"vLLM healthy after {time.monotonic() - t0:.1f} s; router on http://{host}:{port} "
               f"(model 'ensemble': {weights})", flush=True)

@@ -7,26 +7,32 @@ one adapter (the mixture is then over users rather than requests). Requests that
 adapter go straight to it. Every answer carries `x-emdpo-adapter`.
 
 Failures of the upstream never hang a client: a dead vLLM process is answered at once with a
-503, connection errors with a 502 and timeouts with a 504, all with an OpenAI-style JSON body.
+503, connection errors with a 502 and a missed deadline with a 504, all with a one-line
+OpenAI-style JSON body. Requests are bounded (`limits.RouterLimits`: body size, JSON depth and
+types, a total deadline, a stream cap), and a client that disconnects cancels its upstream
+request (`upstream`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import random
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import anyio
 import httpx
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from starlette.background import BackgroundTask
 
 from ..export.routing import RoutingConfig
+from .limits import RequestError, RouterLimits, parse_request, read_body
+from .upstream import ClientGone, Deadline, exchange, guarded, relay
 
 ENSEMBLE = "ensemble"
 HEADER = "x-emdpo-adapter"
@@ -62,17 +68,21 @@ class AdapterChooser:
         return self._pick(int.from_bytes(digest[:8], "big") / 2**64)
 
 
-def error(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+def error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """An OpenAI-style error: one line of JSON."""
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status,
+                        headers=headers)
 
 
-def build_app(cfg: RoutingConfig, targets: dict[str, Target], *, seed: int = 0,
-              request_timeout: float = 600.0, client: httpx.AsyncClient | None = None) -> FastAPI:
+def build_app(cfg: RoutingConfig, targets: dict[str, Target], *, seed: int = 0, limits: RouterLimits = RouterLimits(),
+              client: httpx.AsyncClient | None = None) -> FastAPI:
     """The router app. `client` is injectable for tests (e.g. an ASGI transport to a fake vLLM)."""
     names = [a.name for a in cfg.adapters]
     weights = {a.name: a.weight for a in cfg.adapters}
     chooser = AdapterChooser(names, [weights[n] for n in names], seed)
-    http = client or httpx.AsyncClient(timeout=httpx.Timeout(request_timeout, connect=5.0),
+    # connect stays short so a dead vLLM is a fast 502; the total deadline is `guarded`'s
+    connect = min(5.0, limits.request_timeout)
+    http = client or httpx.AsyncClient(timeout=httpx.Timeout(limits.request_timeout, connect=connect),
                                        limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
     registry = CollectorRegistry()
     requests_total = Counter("emdpo_requests", "Requests routed, by adapter, endpoint and HTTP status",
@@ -96,16 +106,20 @@ def build_app(cfg: RoutingConfig, targets: dict[str, Target], *, seed: int = 0,
 
     async def forward(request: Request, path: str) -> Response:
         endpoint = path.rsplit("/", 1)[-1]
+        start = asyncio.get_running_loop().time()
         try:
-            body: Any = await request.json()
-        except ValueError:
-            return fail(400, "request body is not valid JSON", "BadRequestError", "bad_request")
-        if not isinstance(body, dict):
-            return fail(400, "request body must be a JSON object", "BadRequestError", "bad_request")
+            with anyio.fail_after(limits.request_timeout):
+                raw = await read_body(request, limits.max_body_bytes)
+            body = parse_request(raw, limits.max_json_depth)
+        except TimeoutError:
+            return fail(408, f"request body not received within --request-timeout ({limits.request_timeout:g} s)",
+                        "RequestTimeoutError", "body_timeout")
+        except RequestError as exc:
+            return fail(exc.status, exc.message, exc.kind, exc.reason)
         model = body.get("model") or ENSEMBLE
         user = body.get("user")
         if model == ENSEMBLE:
-            name = chooser.choose(str(user) if user is not None else None)
+            name = chooser.choose(user)
         elif model in targets:
             name = model
         else:
@@ -113,41 +127,38 @@ def build_app(cfg: RoutingConfig, targets: dict[str, Target], *, seed: int = 0,
                         "NotFoundError", "unknown_model")
         target = targets[name]
         headers = {HEADER: name}
+
+        def upstream_error(status: int, message: str, kind: str, reason: str | None) -> JSONResponse:
+            requests_total.labels(name, endpoint, str(status)).inc()
+            if reason:
+                errors_total.labels(reason).inc()
+            return error(status, message, kind, headers)
+
         if not target.alive():
-            requests_total.labels(name, endpoint, "503").inc()
-            return JSONResponse({"error": {"message": f"vLLM server for adapter {name!r} is not running",
-                                           "type": "ServiceUnavailableError", "code": 503}},
-                                status_code=503, headers=headers)
+            return upstream_error(503, f"vLLM server for adapter {name!r} is not running", "ServiceUnavailableError",
+                                  None)
         body["model"] = target.model
+        stream = bool(body.get("stream"))
         upstream = http.build_request("POST", target.url + path, json=body)
         timer = latency.labels(name, endpoint).time()
         try:
-            with timer:
-                resp = await http.send(upstream, stream=True)
-        except httpx.TimeoutException as exc:
-            requests_total.labels(name, endpoint, "504").inc()
-            errors_total.labels("upstream_timeout").inc()
-            return JSONResponse({"error": {"message": f"vLLM did not answer in time: {exc!r}",
-                                           "type": "GatewayTimeoutError", "code": 504}},
-                                status_code=504, headers=headers)
+            resp, content = await guarded(exchange(http, upstream, stream=stream, timer=timer), request.receive,
+                                          start + limits.request_timeout)
+        except (Deadline, httpx.TimeoutException):
+            return upstream_error(504, f"vLLM did not answer within --request-timeout ({limits.request_timeout:g} s)",
+                                  "GatewayTimeoutError", "upstream_timeout")
+        except ClientGone:  # nobody to answer; the upstream request was cancelled
+            errors_total.labels("client_disconnected").inc()
+            return Response(status_code=499)
         except httpx.HTTPError as exc:
-            requests_total.labels(name, endpoint, "502").inc()
-            errors_total.labels("upstream_unreachable").inc()
-            return JSONResponse({"error": {"message": f"vLLM unreachable: {exc!r}", "type": "BadGatewayError",
-                                           "code": 502}}, status_code=502, headers=headers)
+            return upstream_error(502, f"vLLM unreachable or connection lost: {exc!r}", "BadGatewayError",
+                                  "upstream_unreachable")
         requests_total.labels(name, endpoint, str(resp.status_code)).inc()
         media_type = resp.headers.get("content-type", "application/json")
-        if body.get("stream"):
-            return StreamingResponse(_relay(resp, errors_total), status_code=resp.status_code, media_type=media_type,
-                                     headers=headers, background=BackgroundTask(resp.aclose))
-        try:
-            content = await resp.aread()
-        except httpx.HTTPError as exc:
-            errors_total.labels("upstream_unreachable").inc()
-            return JSONResponse({"error": {"message": f"vLLM connection lost: {exc!r}", "type": "BadGatewayError",
-                                           "code": 502}}, status_code=502, headers=headers)
-        finally:
-            await resp.aclose()
+        if stream:
+            cut = start + limits.max_stream_seconds
+            return StreamingResponse(relay(resp, cut, lambda reason: errors_total.labels(reason).inc()),
+                                     status_code=resp.status_code, media_type=media_type, headers=headers)
         return Response(content=content, status_code=resp.status_code, media_type=media_type, headers=headers)
 
     @app.post("/v1/completions")
@@ -187,13 +198,3 @@ def build_app(cfg: RoutingConfig, targets: dict[str, Target], *, seed: int = 0,
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-async def _relay(resp: httpx.Response, errors_total: Counter):
-    """Pass vLLM's server-sent events through; a broken upstream ends the stream with an error event."""
-    try:
-        async for chunk in resp.aiter_raw():
-            yield chunk
-    except httpx.HTTPError as exc:
-        errors_total.labels("stream_broken").inc()
-        yield f'data: {{"error": {{"message": "vLLM stream broken: {type(exc).__name__}", "code": 502}}}}\n\n'.encode()

@@ -3,7 +3,8 @@
 A recipe stage `{name, trainer, inputs, config}` becomes `Trainer().run(ctx, config, inputs)`:
 `config` is an instance of the trainer's pydantic `Config` (unknown keys rejected), `inputs`
 maps each input slot to the outputs an earlier stage recorded in run.json. `run` writes its
-files under `ctx.out_dir` and returns a JSON-serialisable dict, recorded as the stage's outputs.
+files under `ctx.out_dir` and returns a JSON-serialisable dict, recorded as the stage's outputs;
+the stage counts as done (and its files as readable) only once those outputs are recorded.
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ class Trainer(ABC):
     required_inputs: ClassVar[tuple[str, ...]] = ()
     # the artifact kinds (emdpo_plugin.artifacts.KINDS) its outputs carry; checked by the runner
     produces: ClassVar[tuple[str, ...]] = ()
+    # entries of its folder the trainer reads back to resume after a kill (each written
+    # atomically and checked by the trainer); the runner empties the rest of the folder before
+    # a stage that is not done runs again (emdpo_plugin.recipe.stage_dir)
+    resume_state: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def run(self, ctx: StageContext, config: StageConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -172,12 +172,29 @@ def epochs_seen(passes: np.ndarray, log_resp: np.ndarray, annotator_index: np.nd
 
 
 class _Checkpoint:
-    """One restart's state after its last finished iteration, replaced atomically."""
+    """One restart's state after its last finished iteration, replaced atomically.
+
+    A save writes `<root>.tmp`, moves the last checkpoint aside to `<root>.old`, renames the new
+    one into place, then deletes `<root>.old`. A kill can stop it between any two steps, so
+    `recover` (run before every load and save) finishes the job: `.old` alone is the last
+    complete checkpoint and goes back into place, `.old` beside the root is garbage, and `.tmp`
+    is never known to be complete."""
 
     def __init__(self, root: Path, fingerprint: str) -> None:
         self.root, self.fingerprint = root, fingerprint
+        self.tmp = root.with_name(root.name + ".tmp")
+        self.old = root.with_name(root.name + ".old")
+
+    def recover(self) -> None:
+        if self.old.exists():
+            if self.root.exists():
+                shutil.rmtree(self.old)
+            else:
+                self.old.rename(self.root)
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def load(self, backend: Any) -> tuple[dict[str, Any], list[Any], np.ndarray, np.ndarray] | None:
+        self.recover()
         state_file = self.root / "state.json"
         if not state_file.exists():
             return None
@@ -192,19 +209,17 @@ class _Checkpoint:
 
     def save(self, backend: Any, state: dict[str, Any], policies: list[Any], comparison_ll: np.ndarray,
              passes: np.ndarray) -> None:
-        tmp = self.root.with_name(self.root.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        self.recover()
+        self.tmp.mkdir(parents=True)
         for k, p in enumerate(policies):
-            backend.save(p, tmp / f"type{k}")
-        np.save(tmp / "comparison_ll.npy", comparison_ll)
-        np.save(tmp / "passes.npy", passes)
-        (tmp / "state.json").write_text(json.dumps({**state, "fingerprint": self.fingerprint}))
-        old = self.root.with_name(self.root.name + ".old")
+            backend.save(p, self.tmp / f"type{k}")
+        np.save(self.tmp / "comparison_ll.npy", comparison_ll)
+        np.save(self.tmp / "passes.npy", passes)
+        (self.tmp / "state.json").write_text(json.dumps({**state, "fingerprint": self.fingerprint}))
         if self.root.exists():
-            self.root.rename(old)
-        tmp.rename(self.root)
-        shutil.rmtree(old, ignore_errors=True)
+            self.root.rename(self.old)
+        self.tmp.rename(self.root)
+        shutil.rmtree(self.old, ignore_errors=True)
 
 
 def m_step(backend: Any, policies: list[Any], data: ComparisonSet, weights: np.ndarray, ref: np.ndarray,
@@ -377,6 +392,7 @@ class EMDPOStage(Trainer):
                                                  "(cluster_dpo) whose assignments start EM")}
     produces = ("policies", "clustering")
     required_inputs = ("dataset",)
+    resume_state = ("restarts", "select")  # per-restart checkpoints (see _Checkpoint), kept across a kill
 
     def _best_of_restarts(self, ctx: StageContext, data: ComparisonSet, config: EMConfig, root: Path,
                           fingerprint: str, base_seed: int, init_resp: np.ndarray | None, label: str):
