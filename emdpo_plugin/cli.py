@@ -151,16 +151,23 @@ def _type_name(annotation: Any) -> str:
 
 
 def add_data_validate(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("validate", help="check a dataset (file or folder) against format v1")
-    p.add_argument("path", metavar="PATH")
+    p = subparsers.add_parser(
+        "validate", help="check a dataset (file, folder, save_to_disk folder or hub id) against format v1",
+        description="Check data the way the data stage reads it; lists the extra columns kept as metadata.")
+    p.add_argument("path", metavar="PATH", help="a .jsonl/.parquet file, a dataset folder, a save_to_disk folder "
+                                                "or a hub dataset id")
+    p.add_argument("--keys", metavar="FIELD=COLUMN,...", default=None,
+                   help="read fields from other columns, e.g. prompt=question,chosen=good,rejected=bad,annotator=user "
+                        "(fields: prompt, chosen, rejected, responses, ranking, annotator, group)")
     p.set_defaults(func=cmd_data_validate)
     return p
 
 
 def cmd_data_validate(args: argparse.Namespace) -> int:
+    from .data.keys import parse_keys
     from .data.validate import validate_path
 
-    report = validate_path(args.path)
+    report = validate_path(args.path, parse_keys(args.keys))
     print(report.summary())
     return 0
 

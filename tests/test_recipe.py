@@ -367,11 +367,11 @@ def test_cli_data_validate(monkeypatch, capsys):
         def summary(self):
             return "3 rows, fine"
 
-    monkeypatch.setattr(dv, "validate_path", lambda path: Report())
+    monkeypatch.setattr(dv, "validate_path", lambda path, keys=None: Report())
     assert run_cli("data", "validate", "x.jsonl") == 0
     assert capsys.readouterr().out.strip() == "3 rows, fine"
 
-    def bad(path):
+    def bad(path, keys=None):
         raise DataError(f"{path}: row 2: annotator_id: required")
 
     monkeypatch.setattr(dv, "validate_path", bad)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .. import dist
 from ..config import StrictModel
+from ..data.chat import render_pair, render_prompt
 from ..data.schema import ComparisonSet
 from ..errors import EmdpoError
 from .base import FitSchedule
@@ -277,11 +278,14 @@ class OpenRLHFBackend:
 
     # --- tokenization (OpenRLHF's DPO convention: prompt + response + eos) -------------------
     def _tokenize(self, prompt: str, response: str):
+        """The one tokenization of training and scoring; message lists go through the chat
+        template first (`data.chat.render_pair`), as OpenRLHF's DPO dataset renders them."""
         from .weighted_dpo import Tokenized
 
         key = (prompt, response)
         if key not in self._tokens:
             tok, eos = self.tokenizer, self.tokenizer.eos_token
+            prompt, response = render_pair(tok, prompt, response)
             text = (prompt + response).rstrip("\n")
             if not text.endswith(eos):
                 text += " " + eos
@@ -469,7 +473,8 @@ class OpenRLHFBackend:
         tok.padding_side = "left"
         try:
             for s in tqdm(range(0, len(prompts), bs), desc="sample", leave=False, disable=not dist.is_driver()):
-                enc = tok(prompts[s: s + bs], return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+                rendered = [render_prompt(tok, p) for p in prompts[s: s + bs]]
+                enc = tok(rendered, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
                 gen = self.module.generate(**enc, do_sample=True, temperature=g.temperature, top_p=g.top_p,
                                            max_new_tokens=g.max_new_tokens, num_return_sequences=n,
                                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True)
@@ -490,7 +495,8 @@ class OpenRLHFBackend:
             self.module.to("cpu")
             torch.cuda.empty_cache()
         try:
-            return sample_with_vllm(self.base_model, dirs, self.adapter_type, prompts, n, seed,
+            rendered = [render_prompt(self.tokenizer, p) for p in prompts]
+            return sample_with_vllm(self.base_model, dirs, self.adapter_type, rendered, n, seed,
                                     max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
                                     max_model_len=self.cfg.max_len + g.max_new_tokens, log_path=log_path,
                                     gpu_memory_utilization=g.vllm_gpu_memory_utilization)

@@ -1,9 +1,10 @@
 """Reading and writing format-v1 comparison files (DESIGN.md section 3).
 
-Every reader turns its source into plain dict rows and passes each through `parse_row`, so
-JSONL, parquet and HF `datasets` folders obey exactly the same rules and produce the same
-error messages. Errors are one line, `<file>: row <N>: field '<name>': <reason>`, and stop
-at the first problem: nothing is silently dropped.
+Every reader turns its source into plain dict rows and passes them through `rows.parse_rows`
+(optionally with a column mapping, `keys`), so JSONL, parquet and HF `datasets` folders obey
+exactly the same rules and produce the same error messages. Errors are one line,
+`<file>: row <N>: field '<name>': <reason>`, and stop at the first problem: nothing is
+silently dropped.
 """
 
 from __future__ import annotations
@@ -14,8 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from emdpo_plugin.data.schema import Comparison, ComparisonSet, comparison_hash
+from emdpo_plugin.data.keys import DataKeys
+from emdpo_plugin.data.rows import KNOWN_FIELDS, common_text_format, parse_row, parse_rows
+from emdpo_plugin.data.schema import Comparison, ComparisonSet
 from emdpo_plugin.errors import DataError
+
+__all__ = ["KNOWN_FIELDS", "parse_row", "parse_rows", "read_comparisons", "write_jsonl", "write_parquet",
+           "write_hf_dataset", "load_dataset_dir", "DatasetDir"]
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
@@ -25,166 +31,7 @@ SUPPORTED_FORMATS = (
 )
 SPLITS = ("train", "val", "test")  # a dataset folder's files: <split>.jsonl or <split>.parquet
 
-_REQUIRED = ("annotator_id", "prompt")
-_RANKED = ("responses", "ranking")
-_PAIRWISE = ("chosen", "rejected")
-_OPTIONAL = ("group", "comparison_id", "split")
-KNOWN_FIELDS = frozenset(_REQUIRED + _RANKED + _PAIRWISE + _OPTIONAL)
-
 _PARQUET_BATCH = 4096
-
-
-# --------------------------------------------------------------------------- row rules
-
-
-def _kind(value: Any) -> str:
-    """JSON-ish name plus a short repr, so messages say what was actually found."""
-    names = {
-        type(None): "null",
-        bool: "boolean",
-        int: "integer",
-        float: "number",
-        str: "string",
-        list: "list",
-        dict: "object",
-    }
-    name = names.get(type(value), type(value).__name__)
-    if value is None:
-        return name
-    text = repr(value)
-    if len(text) > 40:
-        text = text[:37] + "..."
-    return f"{name} {text}"
-
-
-def _fail(where: str, field: str, reason: str) -> DataError:
-    return DataError(f"{where}: field '{field}': {reason}")
-
-
-def _present(row: dict, key: str) -> bool:
-    """Null counts as absent: columnar formats fill missing optional cells with null."""
-    return row.get(key) is not None
-
-
-def _require_str(row: dict, key: str, where: str, *, allow_empty: bool) -> str:
-    if key not in row:
-        raise _fail(where, key, "required field missing (expected a string)")
-    if row[key] is None:
-        raise _fail(where, key, "expected a string, found null")
-    value = row[key]
-    if not isinstance(value, str):
-        raise _fail(where, key, f"expected a string, found {_kind(value)}")
-    if not allow_empty and not value.strip():
-        raise _fail(where, key, f"expected a non-empty string, found {value!r}")
-    return value
-
-
-def _parse_responses(row: dict, where: str) -> list[str]:
-    value = row["responses"]
-    if not isinstance(value, list):
-        raise _fail(where, "responses", f"expected a list of >= 2 strings, found {_kind(value)}")
-    if len(value) < 2:
-        raise _fail(where, "responses", f"expected a list of >= 2 strings, found {len(value)} item(s)")
-    for i, item in enumerate(value):
-        if not isinstance(item, str):
-            raise _fail(where, "responses", f"expected item {i} to be a string, found {_kind(item)}")
-        if not item.strip():
-            raise _fail(where, "responses", f"expected item {i} to be a non-empty string, found {item!r}")
-    return list(value)
-
-
-def _parse_ranking(row: dict, where: str, n_responses: int) -> list[int]:
-    if not _present(row, "ranking"):
-        raise _fail(where, "ranking", "expected a list of response indices (best first) with 'responses', found nothing")
-    value = row["ranking"]
-    if not isinstance(value, list) or not value:
-        found = "an empty list" if value == [] else _kind(value)
-        raise _fail(where, "ranking", f"expected a non-empty list of integer indices, found {found}")
-    seen: set[int] = set()
-    for i, item in enumerate(value):
-        if isinstance(item, bool) or not isinstance(item, int):
-            raise _fail(where, "ranking", f"expected item {i} to be an integer index, found {_kind(item)}")
-        if not 0 <= item < n_responses:
-            raise _fail(
-                where,
-                "ranking",
-                f"expected indices in 0..{n_responses - 1} ({n_responses} responses), found {item} at item {i}",
-            )
-        if item in seen:
-            raise _fail(where, "ranking", f"expected distinct indices, found {item} twice")
-        seen.add(item)
-    return list(value)
-
-
-def _parse_candidates(row: dict, where: str) -> tuple[list[str], list[int]]:
-    """Either responses + ranking or the chosen/rejected shorthand, never both."""
-    ranked = [k for k in _RANKED if _present(row, k)]
-    pairwise = [k for k in _PAIRWISE if _present(row, k)]
-    if ranked and pairwise:
-        raise _fail(
-            where,
-            pairwise[0],
-            f"cannot be combined with '{ranked[0]}': use either responses + ranking or chosen + rejected",
-        )
-    if pairwise:
-        chosen = _require_str(row, "chosen", where, allow_empty=False)
-        rejected = _require_str(row, "rejected", where, allow_empty=False)
-        return [chosen, rejected], [0, 1]
-    if not ranked:
-        raise _fail(where, "responses", "expected 'responses' + 'ranking' or 'chosen' + 'rejected', found neither")
-    if not _present(row, "responses"):
-        raise _fail(where, "responses", "expected a list of >= 2 strings alongside 'ranking', found nothing")
-    responses = _parse_responses(row, where)
-    return responses, _parse_ranking(row, where, len(responses))
-
-
-def _optional_str(row: dict, key: str, where: str) -> str | None:
-    return _require_str(row, key, where, allow_empty=False) if _present(row, key) else None
-
-
-def parse_row(row: Any, where: str) -> Comparison:
-    """Validate one raw row and normalise it; `where` is the `<file>: row <N>` prefix.
-
-    The single definition of the row rules: every reader and writer goes through it.
-    """
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object, found {_kind(row)}")
-    for key in row:
-        if key not in KNOWN_FIELDS:
-            raise _fail(where, str(key), f"unknown field (expected only {', '.join(sorted(KNOWN_FIELDS))})")
-    annotator_id = _require_str(row, "annotator_id", where, allow_empty=False)
-    prompt = _require_str(row, "prompt", where, allow_empty=True)
-    responses, ranking = _parse_candidates(row, where)
-    cid = _optional_str(row, "comparison_id", where)
-    return Comparison(
-        annotator_id=annotator_id,
-        prompt=prompt,
-        responses=responses,
-        ranking=ranking,
-        comparison_id=cid if cid is not None else comparison_hash(annotator_id, prompt, responses, ranking),
-        group=_optional_str(row, "group", where),
-        split=_optional_str(row, "split", where),
-    )
-
-
-def parse_rows(source: str, rows: Iterable[tuple[int, Any]]) -> list[Comparison]:
-    """Parse numbered raw rows from one file, rejecting duplicate comparison ids."""
-    out: list[Comparison] = []
-    first_seen: dict[str, int] = {}
-    for number, raw in rows:
-        where = f"{source}: row {number}"
-        comp = parse_row(raw, where)
-        if comp.comparison_id in first_seen:
-            derived = "" if _present(raw, "comparison_id") else " (derived from the row content)"
-            raise _fail(
-                where,
-                "comparison_id",
-                f"expected a unique id, found {comp.comparison_id!r}{derived} "
-                f"already used by row {first_seen[comp.comparison_id]}",
-            )
-        first_seen[comp.comparison_id] = number
-        out.append(comp)
-    return out
 
 
 # --------------------------------------------------------------------------- raw readers
@@ -224,7 +71,7 @@ def is_hf_folder(path: Path) -> bool:
     return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
 
 
-def _iter_hf(ds: Any) -> Iterator[tuple[int, Any]]:
+def iter_hf(ds: Any) -> Iterator[tuple[int, Any]]:
     number = 0
     for batch in ds.iter(batch_size=_PARQUET_BATCH):
         columns = list(batch)
@@ -266,8 +113,8 @@ def _select_split(rows: list[Comparison], source: str, split: str) -> list[Compa
     return kept
 
 
-def read_comparisons(path: str | Path, *, split: str | None = None) -> list[Comparison]:
-    """Read and validate one comparison file or HF datasets folder.
+def read_comparisons(path: str | Path, *, split: str | None = None, keys: DataKeys | None = None) -> list[Comparison]:
+    """Read and validate one comparison file or HF datasets folder; `keys` maps its columns.
 
     For an HF DatasetDict, `split` picks the sub-dataset (required). For any other source,
     `split` keeps only rows whose `split` field equals it, and it is an error if none do.
@@ -281,14 +128,14 @@ def read_comparisons(path: str | Path, *, split: str | None = None) -> list[Comp
                 f"supported: {SUPPORTED_FORMATS}. For a dataset folder with train/test files use load_dataset_dir"
             )
         source, ds = _load_hf(path, split)
-        rows = parse_rows(source, _iter_hf(ds))
+        rows = parse_rows(source, iter_hf(ds), keys)
         is_dict_split = source != str(path)
         return rows if split is None or is_dict_split else _select_split(rows, source, split)
     suffix = path.suffix.lower()
     if suffix in JSONL_SUFFIXES:
-        rows = parse_rows(str(path), _iter_jsonl(path))
+        rows = parse_rows(str(path), _iter_jsonl(path), keys)
     elif suffix in PARQUET_SUFFIXES:
-        rows = parse_rows(str(path), _iter_parquet(path))
+        rows = parse_rows(str(path), _iter_parquet(path), keys)
     else:
         raise DataError(f"{path}: unsupported file type {suffix or '(no extension)'!r}; supported: {SUPPORTED_FORMATS}")
     return rows if split is None else _select_split(rows, str(path), split)
@@ -331,16 +178,22 @@ def _arrow_schema() -> Any:
             ("ranking", pa.list_(pa.int64())),
             ("group", pa.string()),
             ("split", pa.string()),
+            ("meta", pa.string()),  # JSON text: a column has one type, rows' metadata may differ
         ]
     )
 
 
-def _arrow_table(records: list[dict]) -> Any:
+def _arrow_table(records: list[dict], path: Path) -> Any:
     """Fixed schema so empty files and all-null optional columns keep their types."""
     import pyarrow as pa
 
+    for number, rec in enumerate(records, start=1):
+        if not isinstance(rec["prompt"], str):
+            raise DataError(f"{path}: row {number}: field 'prompt': message lists are written as JSON Lines only "
+                            "(write_jsonl)")
     schema = _arrow_schema()
     columns = {f.name: [rec.get(f.name) for rec in records] for f in schema}
+    columns["meta"] = [json.dumps(rec["meta"], ensure_ascii=False) if "meta" in rec else None for rec in records]
     return pa.Table.from_pydict(columns, schema=schema)
 
 
@@ -349,7 +202,7 @@ def write_parquet(rows: Iterable[Comparison], path: str | Path) -> Path:
     import pyarrow.parquet as pq
 
     path = Path(path)
-    table = _arrow_table(_records(rows, path))
+    table = _arrow_table(_records(rows, path), path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
     return path
@@ -360,7 +213,7 @@ def write_hf_dataset(rows: Iterable[Comparison], path: str | Path) -> Path:
     import datasets
 
     path = Path(path)
-    table = _arrow_table(_records(rows, path))
+    table = _arrow_table(_records(rows, path), path)
     features = datasets.Features(
         {
             "comparison_id": datasets.Value("string"),
@@ -370,6 +223,7 @@ def write_hf_dataset(rows: Iterable[Comparison], path: str | Path) -> Path:
             "ranking": datasets.Sequence(datasets.Value("int64")),
             "group": datasets.Value("string"),
             "split": datasets.Value("string"),
+            "meta": datasets.Value("string"),
         }
     )
     ds = datasets.Dataset.from_dict(table.to_pydict(), features=features)
@@ -394,6 +248,11 @@ class DatasetDir:
     path: Path
     val: ComparisonSet | None = None
 
+    @property
+    def text_format(self) -> str:
+        """`chat_template` (message-list prompts) or `plain`; every split agrees (checked on load)."""
+        return self.train.text_format
+
 
 def find_split_file(folder: Path, split: str) -> Path | None:
     """The one data file for `split` (train/val/test) in a dataset folder, if any."""
@@ -403,9 +262,9 @@ def find_split_file(folder: Path, split: str) -> Path | None:
     return found[0] if found else None
 
 
-def read_split_file(path: Path, split: str) -> list[Comparison]:
+def read_split_file(path: Path, split: str, keys: DataKeys | None = None) -> list[Comparison]:
     """Rows of a train/val/test file; a row's own `split` field, if set, must agree."""
-    rows = read_comparisons(path)
+    rows = read_comparisons(path, keys=keys)
     for number, row in enumerate(rows, start=1):
         if row.split is not None and row.split != split:
             raise DataError(
@@ -439,6 +298,8 @@ def load_dataset_dir(path: str | Path) -> DatasetDir:
     train = read_split_file(train_file, "train")
     test = read_split_file(test_file, "test") if test_file is not None else None
     val = read_split_file(val_file, "val") if val_file is not None else None
+    common_text_format({f.name: r for f, r in ((train_file, train), (val_file, val), (test_file, test))
+                        if f is not None and r is not None})
     manifest = read_manifest(folder) if (folder / "manifest.json").is_file() else {}
     if manifest:
         check_manifest(folder / "manifest.json", manifest, train, test, val)

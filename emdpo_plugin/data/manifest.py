@@ -13,11 +13,12 @@ from typing import Any
 
 from emdpo_plugin import __version__
 from emdpo_plugin.data.io import SPLITS, write_jsonl
+from emdpo_plugin.data.rows import common_text_format
 from emdpo_plugin.data.schema import FORMAT_VERSION, Comparison
 from emdpo_plugin.errors import DataError
 
 MANIFEST_NAME = "manifest.json"
-_RESERVED = ("format", "builder", "counts", "labels", "content_hash", "created_by", "disjoint_prompts")
+_RESERVED = ("format", "builder", "counts", "labels", "content_hash", "created_by", "disjoint_prompts", "text_format")
 
 
 def content_hash(train: list[Comparison], test: list[Comparison] | None, val: list[Comparison] | None = None) -> str:
@@ -81,7 +82,8 @@ def build_manifest(
     """The manifest for a dataset folder; `extra` keys are merged at the top level.
 
     `disjoint_prompts` records the builder's promise that these splits share no prompt
-    (checked by `check_disjoint_prompts` on every load and by `data validate`).
+    (checked by `check_disjoint_prompts` on every load and by `data validate`). `text_format`
+    says how prompts become model text: `plain`, or `chat_template` for message lists.
     """
     unknown = sorted(set(disjoint_prompts) - set(SPLITS))
     if unknown:
@@ -93,6 +95,7 @@ def build_manifest(
         "labels": dict(labels or {}),
         "content_hash": content_hash(train, test, val),
         "created_by": f"emdpo_plugin {__version__}",
+        "text_format": _text_format(train, test, val),
     }
     if disjoint_prompts:
         manifest["disjoint_prompts"] = [s for s in SPLITS if s in set(disjoint_prompts)]
@@ -101,6 +104,10 @@ def build_manifest(
         raise ValueError(f"build_manifest: extra keys {clash} would overwrite reserved manifest keys")
     manifest.update(extra or {})
     return manifest
+
+
+def _text_format(train: list[Comparison], test: list[Comparison] | None, val: list[Comparison] | None) -> str:
+    return common_text_format({"train": train, "val": val or [], "test": test or []})
 
 
 def write_manifest(folder: str | Path, manifest: dict) -> Path:
@@ -174,6 +181,8 @@ def check_manifest(
     declared = (manifest.get("counts") or {}).get("comparisons") or {}
     if val is not None or "val" in declared:  # a manifest without val keys describes a folder without val
         checks["counts.comparisons.val"] = len(val) if val is not None else 0
+    if "text_format" in manifest:  # manifests written before message-list prompts have none
+        checks["text_format"] = _text_format(train, test, val)
     for dotted, expected in checks.items():
         found = _lookup(manifest, dotted, path)
         if found != expected:

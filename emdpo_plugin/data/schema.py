@@ -1,7 +1,8 @@
 """Format v1: one comparison per row (DESIGN.md section 3).
 
 `Comparison` is the normalised in-memory row; `ComparisonSet` is the columnar view the
-algorithms use (annotator indices, padded rankings). `group` is ground truth for evaluation
+algorithms use (annotator indices, padded rankings). A prompt or response given as a message
+list is a `chat.ChatMessages` string; `meta` holds the row's extra columns, unread by training. `group` is ground truth for evaluation
 only: training code reads `ComparisonSet.annotator_index`, never `group`.
 """
 
@@ -11,8 +12,11 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import numpy as np
+
+from .chat import text_format_of, to_record_value
 
 FORMAT_VERSION = "emdpo-format/v1"
 
@@ -32,6 +36,7 @@ class Comparison:
     comparison_id: str
     group: str | None = None
     split: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_pairwise(self) -> bool:
@@ -41,14 +46,16 @@ class Comparison:
         rec = {
             "comparison_id": self.comparison_id,
             "annotator_id": self.annotator_id,
-            "prompt": self.prompt,
-            "responses": list(self.responses),
+            "prompt": to_record_value(self.prompt),
+            "responses": [to_record_value(r) for r in self.responses],
             "ranking": list(self.ranking),
         }
         if self.group is not None:
             rec["group"] = self.group
         if self.split is not None:
             rec["split"] = self.split
+        if self.meta:
+            rec["meta"] = dict(self.meta)
         return rec
 
 
@@ -101,6 +108,11 @@ class ComparisonSet:
     @property
     def prompts(self) -> list[str]:
         return [r.prompt for r in self.rows]
+
+    @property
+    def text_format(self) -> str:
+        """`chat_template` when the prompts are message lists, else `plain`."""
+        return text_format_of(self.prompts)
 
     @property
     def responses(self) -> list[list[str]]:

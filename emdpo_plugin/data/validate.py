@@ -1,7 +1,8 @@
-"""`openrlhf data validate PATH`: check a file or dataset folder against format v1.
+"""`openrlhf data validate PATH [--keys ...]`: check a data source against format v1.
 
-Uses the same readers (and so the same row rules, `io.parse_row`) as training, so a path
-that validates is a path that loads. Stops at the first problem with a one-line DataError.
+Uses the same readers (and so the same row rules, `rows.parse_row`, and column mapping) as the
+data stage, so a path that validates is a path that loads. Stops at the first problem with a
+one-line DataError. The summary lists the extra columns kept as per-row metadata.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from emdpo_plugin.data import io
+from emdpo_plugin.data import io, sources
+from emdpo_plugin.data.keys import DataKeys
 from emdpo_plugin.data.manifest import (
     MANIFEST_NAME,
     check_disjoint_prompts,
@@ -17,6 +19,7 @@ from emdpo_plugin.data.manifest import (
     read_manifest,
     shared_prompts,
 )
+from emdpo_plugin.data.rows import common_text_format
 from emdpo_plugin.data.schema import Comparison
 from emdpo_plugin.errors import DataError
 
@@ -35,6 +38,9 @@ class ValidationReport:
     # "val/test" -> distinct prompts shared by the two evaluation splits (dataset folders with both)
     shared_prompts: dict[str, int] = field(default_factory=dict)
     disjoint_promised: list[str] = field(default_factory=list)
+    extra_columns: list[str] = field(default_factory=list)  # kept as each row's `meta`
+    text_format: str = "plain"
+    keys: str = ""  # the column mapping used, `prompt=question,...`
 
     @property
     def total_rows(self) -> int:
@@ -54,11 +60,14 @@ class ValidationReport:
             for pair, n in self.shared_prompts.items()
         )
         promise = f" (disjoint prompts promised and checked: {', '.join(self.disjoint_promised)})" if self.disjoint_promised else ""
+        keys = f" with keys {self.keys}" if self.keys else ""
+        extra = ("extra columns kept as metadata: " + ", ".join(self.extra_columns)
+                 if self.extra_columns else "no extra columns")
         return (
-            f"{self.path} is valid format-v1 data: "
+            f"{self.path} is valid format-v1 data{keys}: "
             f"{self.total_rows} comparisons in {files}; {self.annotators} annotators; {groups}; "
             f"{self.pairwise_rows} pairwise and {self.ranking_rows} ranking rows (3+ responses){overlap}; "
-            f"{manifest}{promise}."
+            f"prompts: {self.text_format}; {extra}; {manifest}{promise}."
         )
 
 
@@ -78,27 +87,25 @@ def _finish(report: ValidationReport, rows: list[Comparison]) -> ValidationRepor
             by_group.setdefault(r.group, set()).add(r.annotator_id)
     report.annotators = len({r.annotator_id for r in rows})
     report.groups = {g: len(a) for g, a in sorted(by_group.items())}
+    report.extra_columns = sorted({k for r in rows for k in r.meta})
     return report
 
 
-def _validate_hf_folder(path: Path) -> ValidationReport:
-    """Every split of a DatasetDict, or the single Dataset."""
-    import datasets
-
+def _validate_splits(path: Path, splits: sources.Splits) -> ValidationReport:
+    """The summary of a source's splits (split -> (file or split name, rows)), in split order."""
     report = ValidationReport(path=path)
-    if (path / "dataset_dict.json").is_file():
-        splits = list(datasets.load_from_disk(str(path)))
-    else:
-        splits = [None]
-    all_rows: list[Comparison] = []
-    for split in splits:
-        rows = io.read_comparisons(path, split=split)
-        _tally(report, path.name if split is None else f"{path.name}[{split}]", rows)
-        all_rows += rows
-    return _finish(report, all_rows)
+    local = path.exists()
+    for split in io.SPLITS:
+        if split in splits:
+            label, rows = splits[split]
+            _tally(report, Path(label).name if local else label, rows)
+    if "val" in splits and "test" in splits:
+        report.shared_prompts["val/test"] = shared_prompts(splits["val"][1], splits["test"][1])[0]
+    report.text_format = common_text_format(dict(splits.values()))
+    return _finish(report, [r for _, rows in splits.values() for r in rows])
 
 
-def _validate_dataset_folder(path: Path) -> ValidationReport:
+def _validate_dataset_folder(path: Path, keys: DataKeys | None) -> ValidationReport:
     """train/val/test files (each through the row rules) plus manifest.json if present."""
     files = {split: io.find_split_file(path, split) for split in io.SPLITS}
     if all(f is None for f in files.values()):
@@ -106,30 +113,28 @@ def _validate_dataset_folder(path: Path) -> ValidationReport:
         raise DataError(
             f"{path}: folder holds no {names} and is not an HF datasets folder; supported: {io.SUPPORTED_FORMATS}"
         )
-    report = ValidationReport(path=path)
-    rows = {split: io.read_split_file(f, split) for split, f in files.items() if f is not None}
-    for split in io.SPLITS:
-        if split in rows:
-            _tally(report, files[split].name, rows[split])  # type: ignore[union-attr]
-    if "val" in rows and "test" in rows:
-        report.shared_prompts["val/test"] = shared_prompts(rows["val"], rows["test"])[0]
+    rows = {split: io.read_split_file(f, split, keys) for split, f in files.items() if f is not None}
+    report = _validate_splits(path, {s: (files[s].name, r) for s, r in rows.items()})  # type: ignore[union-attr]
     if (path / MANIFEST_NAME).is_file():
         manifest = read_manifest(path)
         check_manifest(path / MANIFEST_NAME, manifest, rows.get("train", []), rows.get("test"), rows.get("val"))
         check_disjoint_prompts(path / MANIFEST_NAME, manifest, {s: (files[s], r) for s, r in rows.items()})  # type: ignore[misc]
         report.manifest = True
         report.disjoint_promised = [s for s in manifest.get("disjoint_prompts") or [] if s in rows]
-    return _finish(report, [r for split in io.SPLITS for r in rows.get(split, [])])
+    return report
 
 
-def validate_path(path: str | Path) -> ValidationReport:
-    """Validate a single data file, an HF datasets folder, or a dataset folder."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file or folder (supported: {io.SUPPORTED_FORMATS})")
-    if path.is_dir():
-        return _validate_hf_folder(path) if io.is_hf_folder(path) else _validate_dataset_folder(path)
-    rows = io.read_comparisons(path)
-    report = ValidationReport(path=path)
-    _tally(report, path.name, rows)
-    return _finish(report, rows)
+def validate_path(path: str | Path, keys: DataKeys | None = None) -> ValidationReport:
+    """Validate a data file, a dataset folder, an HF datasets folder or a hub dataset id;
+    `keys` maps the source's column names to format v1's."""
+    shown = keys.describe() if keys is not None else ""
+    if sources.is_hub_id(str(path)) or io.is_hf_folder(Path(path)):
+        report = _validate_splits(Path(path), sources.read_hf(path, keys))
+    elif not Path(path).exists():
+        raise DataError(f"{path}: no such file or folder (supported: {io.SUPPORTED_FORMATS}, or a hub dataset id)")
+    elif Path(path).is_dir():
+        report = _validate_dataset_folder(Path(path), keys)
+    else:
+        report = _validate_splits(Path(path), {"train": (str(path), io.read_comparisons(path, keys=keys))})
+    report.keys = shown
+    return report

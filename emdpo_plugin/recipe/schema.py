@@ -202,9 +202,14 @@ def _check_inputs(spec: StageSpec, trainer: type, earlier: dict[str, type], all_
 
 
 def _check_data(spec: StageSpec, config: StageConfig, data: dict[str, Any]) -> None:
-    """The data stage's builder config, validated by the builder's own pydantic model (a builder
-    function's `Config` attribute) at plan time: a typo in `data.config` fails `--dry-run`."""
+    """The recipe's `data` section, validated by the data stage's own model (so `data.keys` and
+    every other key are checked), and the builder config by the builder's pydantic model (a
+    builder function's `Config` attribute), at plan time: a typo fails `--dry-run`."""
     merged = {**data, **config.model_dump(exclude_unset=True)}
+    try:
+        type(config).model_validate(merged)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(exc, "data", model=type(config))) from None
     builder, cfg = merged.get("builder"), merged.get("config") or {}
     if not builder:
         return

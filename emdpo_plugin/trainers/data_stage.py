@@ -1,4 +1,9 @@
-"""`data` stage: materialise the recipe's dataset (a registered builder or existing files)."""
+"""`data` stage: materialise the recipe's dataset (a registered builder or existing data).
+
+`data.path` may name a file, a dataset folder, a `save_to_disk` folder or a hub dataset id
+(`data.sources`); `data.keys` maps its column names. The dataset folder written here always
+uses format v1's names, keeps extra columns as each row's `meta`, and records `text_format`.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import registry
-from ..data.io import load_dataset_dir, read_comparisons
+from ..data import io
+from ..data.io import load_dataset_dir
+from ..data.keys import DataKeys
 from ..data.manifest import build_manifest, write_dataset_dir
+from ..data.sources import read_source
 from ..errors import RecipeError
 from .base import StageConfig, StageContext, Trainer
 from .common import rel_path
@@ -17,7 +25,8 @@ from .common import rel_path
 class DataConfig(StageConfig):
     builder: str | None = None  # registered builder name or `module:function`
     config: dict[str, Any] = {}  # the builder's config
-    path: str | None = None  # an existing dataset folder or file instead of a builder
+    path: str | None = None  # existing data instead of a builder: a file, a folder or a hub dataset id
+    keys: DataKeys = DataKeys()  # source column names, e.g. {prompt: question, annotator: user}
     seed: int | None = None  # defaults to the recipe seed
 
 
@@ -42,16 +51,20 @@ class DataStage(Trainer):
             write_dataset_dir(out, built.train, built.test, manifest, val=built.val)
         elif cfg.path:
             src = Path(cfg.path).expanduser()
-            if src.is_dir():
-                ds = load_dataset_dir(src)
+            keys = cfg.keys.model_dump(exclude_none=True)
+            if src.is_dir() and not keys and not io.is_hf_folder(src):  # a dataset folder: kept as is
+                load_dataset_dir(src)
                 shutil.copytree(src, out, dirs_exist_ok=True)
-                train, test = ds.train.rows, ds.test.rows if ds.test else []
             else:
-                train, test = read_comparisons(src), []
-                manifest = build_manifest(train, test, builder="file", config={"path": str(src)})
-                write_dataset_dir(out, train, test, manifest)
+                splits = {s: rows for s, (_, rows) in read_source(cfg.path, cfg.keys).items()}
+                config = {"path": cfg.path, **({"keys": keys} if keys else {})}
+                manifest = build_manifest(splits["train"], splits.get("test", []), builder="file", config=config,
+                                          val=splits.get("val"))
+                write_dataset_dir(out, splits["train"], splits.get("test", []), manifest, val=splits.get("val"))
         else:
             raise RecipeError(f"stages.{ctx.stage_name}: the recipe names no data (set data.builder or data.path)")
         ds = load_dataset_dir(out)
+        meta = sorted({k for part in (ds.train, ds.val, ds.test) if part for r in part.rows for k in r.meta})
         return {"dir": rel_path(ctx, out), "manifest": rel_path(ctx, out / "manifest.json"),
-                "train": len(ds.train), "test": len(ds.test) if ds.test else 0, "val": len(ds.val) if ds.val else 0}
+                "train": len(ds.train), "test": len(ds.test) if ds.test else 0, "val": len(ds.val) if ds.val else 0,
+                "text_format": ds.text_format, "meta_columns": meta}

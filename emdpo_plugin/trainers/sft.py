@@ -45,14 +45,16 @@ class SFTStage(Trainer):
             return {"model": config.model, "built": False}
         import numpy as np
 
-        from ..models.tiny import build_tiny_lm
+        from ..data.chat import TemplateOnly, render_pair
+        from ..models.tiny import CHAT_TEMPLATE, build_tiny_lm
 
         if "dataset" not in inputs:
             from ..errors import RecipeError
 
             raise RecipeError(f"stages.{ctx.stage_name}.inputs.dataset: model: tiny trains on a dataset's texts")
         data = dataset_from(ctx, inputs["dataset"]).train
-        texts = sorted({row.prompt + r for row in data.rows for r in row.responses})
+        template = TemplateOnly(CHAT_TEMPLATE, "tiny")  # message lists as the tiny tokenizer will render them
+        texts = sorted({"".join(render_pair(template, row.prompt, r)) for row in data.rows for r in row.responses})
         seed = ctx.seed if config.seed is None else config.seed
         rng = np.random.default_rng(seed)
         if len(texts) > config.max_texts:
