@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from . import __version__, registry
+from .artifacts import as_slot
 from .errors import EmdpoError
 
 AddCommand = Callable[[Any], argparse.ArgumentParser]
@@ -126,9 +127,11 @@ def describe_trainer(name: str, trainer: type) -> str:
         lines.append("  inputs:")
         for slot, what in slots.items():
             need = "required" if slot in required else "optional"
-            lines.append(f"    {slot} ({need}){': ' + what if what else ''}")
+            lines.append(f"    {slot} ({need}): {as_slot(what).describe()}")
     else:
         lines.append("  inputs: none")
+    produces = tuple(getattr(trainer, "produces", ()) or ())
+    lines.append(f"  produces: {', '.join(produces) if produces else 'undeclared'}")
     fields = trainer.Config.model_fields
     if fields:
         lines.append("  config:")
