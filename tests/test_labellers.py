@@ -1,4 +1,4 @@
-"""Labellers (data_builders/labellers.py): offline engines for real, LanguageTool and the LLM
+"""Labellers (data_builders/labellers/): offline engines for real, LanguageTool and the LLM
 judge against their HTTP contracts on a local stdlib server, the factory's errors."""
 
 from __future__ import annotations
