@@ -1,4 +1,4 @@
-"""imdb_synthetic (data_builders/imdb_synthetic.py) and `openrlhf data build`.
+"""imdb_synthetic (data_builders/imdb_synthetic/) and `openrlhf data build`.
 
 The acceptance build (1,200 users x 50 pairs from the offline generated source) runs once per
 module through the real console script; the other tests use small in-process builds. HF and
