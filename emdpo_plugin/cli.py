@@ -48,7 +48,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         return cmd_run_seeds(args)
     from .recipe.loader import load_recipe
-    from .recipe.schema import validate_recipe
+    from .recipe.schema import format_plan, validate_recipe
 
     raw = load_recipe(args.recipe, args.overrides)
     plan = validate_recipe(raw, source=str(args.recipe))
@@ -62,29 +62,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     run_plan(plan, output_dir, resume=args.resume)
     return 0
-
-
-def format_plan(plan: Any, output_dir: str | None) -> str:
-    """The plan as YAML: every stage with its trainer, inputs and full config (defaults included)."""
-    doc = {
-        "recipe": plan.name,
-        "source": plan.source,
-        "seed": plan.seed,
-        "output_dir": output_dir,
-        "model": plan.recipe.get("model") or {},
-        "data": plan.recipe.get("data") or {},
-        "stages": [
-            {
-                "name": ps.spec.name,
-                "trainer": ps.spec.trainer,
-                "inputs": dict(ps.spec.inputs),
-                "config": ps.config.model_dump(mode="json"),
-            }
-            for ps in plan.stages
-        ],
-    }
-    header = f"# dry run: {len(plan.stages)} stage(s) validated; nothing was run or written"
-    return header + "\n" + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True).rstrip()
 
 
 # --- trainers ------------------------------------------------------------------------------
@@ -226,7 +203,8 @@ def cmd_data_build(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
-    from .data.manifest import build_manifest, write_dataset_dir
+    from .data.io import write_dataset_dir
+    from .data.manifest import build_manifest
 
     config: dict[str, Any] = {}
     if args.config:

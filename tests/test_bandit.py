@@ -169,7 +169,8 @@ def test_em_resumes_from_last_finished_iteration(tmp_path):
 def test_restarts_keep_the_best_log_likelihood(tmp_path):
     from emdpo_plugin.trainers.base import StageContext
     from emdpo_plugin.trainers.em_dpo import EMDPOStage
-    from emdpo_plugin.data.manifest import build_manifest, write_dataset_dir
+    from emdpo_plugin.data.io import write_dataset_dir
+    from emdpo_plugin.data.manifest import build_manifest
 
     ds = build({"annotators": 40, "group_probs": [0.5, 0.5]}, seed=2)
     write_dataset_dir(tmp_path / "data", ds.train, ds.test, build_manifest(ds.train, ds.test, builder="bandit", config=ds.config))

@@ -18,7 +18,8 @@ import yaml
 
 from data_builders.bandit import BanditConfig, BanditEnvironment, build
 from emdpo_plugin.algorithms.likelihood import plackett_luce_loglik
-from emdpo_plugin.data.manifest import build_manifest, write_dataset_dir
+from emdpo_plugin.data.io import write_dataset_dir
+from emdpo_plugin.data.manifest import build_manifest
 from emdpo_plugin.data.validate import validate_path
 from emdpo_plugin.eval.identifiability import plackett_luce_rankings
 from emdpo_plugin.trainers.report import ReportConfig

@@ -16,7 +16,8 @@ from emdpo_plugin.data.io import (
     write_jsonl,
     write_parquet,
 )
-from emdpo_plugin.data.manifest import build_manifest, read_manifest, write_dataset_dir, write_manifest
+from emdpo_plugin.data.io import write_dataset_dir
+from emdpo_plugin.data.manifest import build_manifest, read_manifest, write_manifest
 from emdpo_plugin.data.schema import FORMAT_VERSION, Comparison, comparison_hash
 from emdpo_plugin.data.validate import validate_path
 from emdpo_plugin.errors import DataError

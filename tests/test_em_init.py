@@ -13,7 +13,8 @@ from data_builders.bandit import build
 from emdpo_plugin.algorithms.metrics import clustering_scores
 from emdpo_plugin.backends.bandit import BanditBackend
 from emdpo_plugin.backends.base import FitSchedule
-from emdpo_plugin.data.manifest import build_manifest, write_dataset_dir
+from emdpo_plugin.data.io import write_dataset_dir
+from emdpo_plugin.data.manifest import build_manifest
 from emdpo_plugin.data.schema import Comparison, ComparisonSet
 from emdpo_plugin.errors import EmdpoError
 from emdpo_plugin.trainers.base import StageContext

@@ -15,7 +15,8 @@ import pytest
 
 from data_builders.bandit import build as build_bandit
 from emdpo_plugin.backends.bandit import BanditBackend
-from emdpo_plugin.data.manifest import build_manifest, write_dataset_dir
+from emdpo_plugin.data.io import write_dataset_dir
+from emdpo_plugin.data.manifest import build_manifest
 from emdpo_plugin.errors import RecipeError
 from emdpo_plugin.eval.evaluate import clustering_report, estimate_regrets, responsibility_stats, restart_agreement
 from emdpo_plugin.trainers.base import StageContext

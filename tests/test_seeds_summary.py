@@ -16,7 +16,8 @@ import pytest
 
 from emdpo_plugin import cli
 from emdpo_plugin.algorithms.metrics import preference_metrics
-from emdpo_plugin.data.manifest import build_manifest, write_dataset_dir
+from emdpo_plugin.data.io import write_dataset_dir
+from emdpo_plugin.data.manifest import build_manifest
 from emdpo_plugin.data.schema import Comparison, ComparisonSet
 from emdpo_plugin.errors import RecipeError
 from emdpo_plugin.eval.per_row import read_per_row, reward_differences, write_per_row

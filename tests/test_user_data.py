@@ -243,7 +243,8 @@ def test_chat_errors_are_one_line(tmp_path, chat_tokenizer):
 
 
 def test_dataset_records_its_text_format(tmp_path):
-    from emdpo_plugin.data.manifest import build_manifest, write_dataset_dir
+    from emdpo_plugin.data.io import write_dataset_dir
+    from emdpo_plugin.data.manifest import build_manifest
 
     chat = read_comparisons(_jsonl(tmp_path / "chat.jsonl", _chat_rows()))
     plain = read_comparisons(_jsonl(tmp_path / "plain.jsonl", _user_rows(2)), keys=parse_keys(KEYS))

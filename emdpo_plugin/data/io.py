@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from emdpo_plugin.data.keys import DataKeys
+from emdpo_plugin.data.manifest import check_disjoint_prompts, check_manifest, read_manifest, write_manifest
 from emdpo_plugin.data.rows import KNOWN_FIELDS, common_text_format, parse_row, parse_rows
-from emdpo_plugin.data.schema import Comparison, ComparisonSet
+from emdpo_plugin.data.schema import SPLITS, Comparison, ComparisonSet
 from emdpo_plugin.errors import DataError
 
 __all__ = ["KNOWN_FIELDS", "parse_row", "parse_rows", "read_comparisons", "write_jsonl", "write_parquet",
-           "write_hf_dataset", "load_dataset_dir", "DatasetDir"]
+           "write_hf_dataset", "load_dataset_dir", "write_dataset_dir", "DatasetDir", "SPLITS"]
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
@@ -29,7 +30,6 @@ SUPPORTED_FORMATS = (
     "JSON Lines (.jsonl or .json, one object per line), parquet (.parquet), "
     "or an HF datasets folder written with save_to_disk"
 )
-SPLITS = ("train", "val", "test")  # a dataset folder's files: <split>.jsonl or <split>.parquet
 
 _PARQUET_BATCH = 4096
 
@@ -234,6 +234,25 @@ def write_hf_dataset(rows: Iterable[Comparison], path: str | Path) -> Path:
 # --------------------------------------------------------------------------- dataset folders
 
 
+def write_dataset_dir(
+    folder: str | Path,
+    train: list[Comparison],
+    test: list[Comparison] | None,
+    manifest: dict,
+    val: list[Comparison] | None = None,
+) -> Path:
+    """Write train.jsonl, test.jsonl / val.jsonl (when given) and manifest.json."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_jsonl(train, folder / "train.jsonl")
+    if test is not None:
+        write_jsonl(test, folder / "test.jsonl")
+    if val is not None:
+        write_jsonl(val, folder / "val.jsonl")
+    write_manifest(folder, manifest)
+    return folder
+
+
 @dataclass
 class DatasetDir:
     """A loaded dataset folder; test and val share train's annotator index space.
@@ -284,8 +303,6 @@ def _extended(train_set: ComparisonSet, rows: list[Comparison]) -> ComparisonSet
 
 def load_dataset_dir(path: str | Path) -> DatasetDir:
     """Load train (required), val and test (optional) and manifest.json, checking they agree."""
-    from emdpo_plugin.data.manifest import check_disjoint_prompts, check_manifest, read_manifest
-
     folder = Path(path)
     _check_exists(folder)
     if not folder.is_dir():

@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from emdpo_plugin import __version__
-from emdpo_plugin.data.io import SPLITS, write_jsonl
 from emdpo_plugin.data.rows import common_text_format
-from emdpo_plugin.data.schema import FORMAT_VERSION, Comparison
+from emdpo_plugin.data.schema import FORMAT_VERSION, SPLITS, Comparison
 from emdpo_plugin.errors import DataError
 
 MANIFEST_NAME = "manifest.json"
@@ -130,25 +129,6 @@ def read_manifest(folder: str | Path) -> dict:
     if not isinstance(manifest, dict):
         raise DataError(f"{path}: expected a JSON object, found {type(manifest).__name__}")
     return manifest
-
-
-def write_dataset_dir(
-    folder: str | Path,
-    train: list[Comparison],
-    test: list[Comparison] | None,
-    manifest: dict,
-    val: list[Comparison] | None = None,
-) -> Path:
-    """Write train.jsonl, test.jsonl / val.jsonl (when given) and manifest.json."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_jsonl(train, folder / "train.jsonl")
-    if test is not None:
-        write_jsonl(test, folder / "test.jsonl")
-    if val is not None:
-        write_jsonl(val, folder / "val.jsonl")
-    write_manifest(folder, manifest)
-    return folder
 
 
 def _lookup(manifest: dict, dotted: str, path: Path) -> Any:

@@ -19,6 +19,7 @@ import numpy as np
 from .chat import text_format_of, to_record_value
 
 FORMAT_VERSION = "emdpo-format/v1"
+SPLITS = ("train", "val", "test")  # a dataset folder's files: <split>.jsonl or <split>.parquet
 
 
 def comparison_hash(annotator_id: str, prompt: str, responses: list[str], ranking: list[int]) -> str:

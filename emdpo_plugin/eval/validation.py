@@ -43,7 +43,7 @@ def _done_stages(run_dir: Path) -> dict[str, dict[str, Any]]:
 
 def _backend(run_dir: Path) -> Any:
     """The run's own PolicyBackend, rebuilt from the resolved recipe it saved."""
-    from ..recipe.runner import default_backend_factory
+    from ..backends.factory import default_backend_factory
     from ..recipe.state import RESOLVED_RECIPE
 
     path = run_dir / RESOLVED_RECIPE

@@ -87,12 +87,3 @@ class LocalExecutor:
 
     def close(self) -> None:
         pass
-
-
-def make_executor(config: ExecutorConfig, recipe: dict[str, Any], run_dir: Any) -> Executor:
-    """The executor a recipe asks for (Ray is imported only when used)."""
-    if config.kind == "local":
-        return LocalExecutor()
-    from .ray_executor import RayExecutor
-
-    return RayExecutor(config, recipe, run_dir)

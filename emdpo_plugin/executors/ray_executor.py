@@ -82,7 +82,7 @@ class TypeWorker(BaseDistributedActor):
 
     def backend(self) -> Any:
         if self._backend is None:
-            from ..recipe.runner import default_backend_factory
+            from ..backends.factory import default_backend_factory
 
             self._backend = default_backend_factory(self._recipe, self._run_dir)
         return self._backend

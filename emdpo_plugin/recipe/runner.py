@@ -17,8 +17,9 @@ from typing import Any, Callable
 from rich.console import Console
 from rich.markup import escape
 
-from .. import dist, registry, runlog, tracking
+from .. import dist, runlog, tracking
 from ..artifacts import validate_outputs
+from ..backends.factory import default_backend_factory
 from ..errors import EmdpoError, RecipeError
 from ..executors import make_executor
 from ..trainers.base import StageContext
@@ -28,20 +29,6 @@ from .stage_dir import remove_write_leftovers, reset_stage_dir
 from .state import RunState, config_hash, save_resolved_recipe
 
 BackendFactory = Callable[[dict[str, Any], Path], Any]
-
-
-def default_backend_factory(recipe: dict[str, Any], run_dir: Path) -> Any:
-    """Build the PolicyBackend named by `model.backend` (default 'bandit') from the `model` section.
-
-    Backends get the run directory for their caches and to resolve `stage:NAME` model paths.
-    """
-    model = dict(recipe.get("model") or {})
-    name = model.pop("backend", "bandit")
-    try:
-        cls = registry.get(registry.POLICY_BACKENDS, name)
-    except EmdpoError as exc:
-        raise RecipeError(f"model.backend: {exc}") from None
-    return cls(copy.deepcopy(model), seed=recipe.get("seed", 0), run_dir=run_dir)
 
 
 def stage_hash(plan: Plan, stage: PlannedStage) -> str:

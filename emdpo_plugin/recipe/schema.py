@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import yaml
 from pydantic import BaseModel, ConfigDict, StrictInt, ValidationError
 
 from .. import registry
@@ -128,6 +129,29 @@ def _validate(raw: dict[str, Any], source: str | None) -> Plan:
         planned.append(PlannedStage(spec, trainer, config))
         seen.append(spec.name)
     return Plan(recipe=raw, stages=planned, source=source, typed=recipe)
+
+
+def format_plan(plan: Plan, output_dir: str | None) -> str:
+    """The plan as YAML: every stage with its trainer, inputs and full config (defaults included)."""
+    doc = {
+        "recipe": plan.name,
+        "source": plan.source,
+        "seed": plan.seed,
+        "output_dir": output_dir,
+        "model": plan.recipe.get("model") or {},
+        "data": plan.recipe.get("data") or {},
+        "stages": [
+            {
+                "name": ps.spec.name,
+                "trainer": ps.spec.trainer,
+                "inputs": dict(ps.spec.inputs),
+                "config": ps.config.model_dump(mode="json"),
+            }
+            for ps in plan.stages
+        ],
+    }
+    header = f"# dry run: {len(plan.stages)} stage(s) validated; nothing was run or written"
+    return header + "\n" + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True).rstrip()
 
 
 def load_trainer(ref: str, *, where: str = "") -> type:

@@ -94,8 +94,8 @@ def cmd_run_seeds(args: Any) -> int:
     """The `run --seeds` branch of the CLI (args as parsed by cli.add_run)."""
     seeds = parse_seeds(args.seeds)
     if args.dry_run:
-        from ..cli import format_plan
         from .loader import load_recipe
+        from .schema import format_plan
 
         plans = seed_plans(args.recipe, seeds, args.overrides)
         root = args.output_dir or load_recipe(args.recipe, args.overrides).get("output_dir")

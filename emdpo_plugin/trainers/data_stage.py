@@ -15,7 +15,8 @@ from .. import registry
 from ..data import io
 from ..data.io import load_dataset_dir
 from ..data.keys import DataKeys
-from ..data.manifest import build_manifest, write_dataset_dir
+from ..data.io import write_dataset_dir
+from ..data.manifest import build_manifest
 from ..data.sources import read_source
 from ..errors import RecipeError
 from .base import StageConfig, StageContext, Trainer
