@@ -30,6 +30,7 @@ import numpy as np
 from scipy.special import log_softmax, ndtr
 
 from emdpo_plugin.envs.bandit import BanditConfig, BanditEnvironment
+from emdpo_plugin.algorithms.defaults import HEDGE_ETA
 from emdpo_plugin.algorithms.minmax import game_value_lp, optimistic_hedge, regret_matrix
 
 
@@ -90,7 +91,7 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, default=200_000)
     ap.add_argument("--eps", type=float, default=0.01, help="label smoothing of the `dpo` policies")
     ap.add_argument("--beta", type=float, default=1.0)
-    ap.add_argument("--eta", type=float, default=0.05)
+    ap.add_argument("--eta", type=float, default=HEDGE_ETA)
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="write both games (L, weights, regrets) here")

@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError
 
+from .config import format_validation_error
 from .errors import EmdpoError
 
 
@@ -105,7 +106,5 @@ def validate_outputs(stage: str, kinds: tuple[str, ...], outputs: dict[str, Any]
         try:
             KINDS[kind].model_validate(outputs)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            key = ".".join(str(p) for p in err["loc"]) or kind
             raise EmdpoError(f"stage {stage!r}: its outputs are not a valid {kind} artifact "
-                             f"({key}: {err['msg'].lower()})") from None
+                             f"({format_validation_error(exc, whole=kind)})") from None

@@ -17,8 +17,10 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from . import __version__, registry
+from .algorithms.defaults import HEDGE_ETA, HEDGE_STEPS
 from .artifacts import as_slot
-from .errors import EmdpoError
+from .config import format_validation_error
+from .errors import EmdpoError, yaml_error_text
 
 AddCommand = Callable[[Any], argparse.ArgumentParser]
 
@@ -190,12 +192,7 @@ def set_dotted(config: dict[str, Any], override: str) -> None:
 
 def _builder_config_error(name: str, exc: Exception) -> EmdpoError:
     """A pydantic ValidationError from a builder as one line naming each dotted key."""
-    parts = []
-    for err in exc.errors():  # type: ignore[attr-defined]
-        dotted = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        parts.append(f"config key '{dotted}': {msg}")
-    return EmdpoError(f"data builder {name!r}: " + "; ".join(parts))
+    return EmdpoError(f"data builder {name!r}: " + format_validation_error(exc, config_keys=True))
 
 
 def cmd_data_build(args: argparse.Namespace) -> int:
@@ -214,10 +211,7 @@ def cmd_data_build(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise EmdpoError(f"--config {path}: cannot read: {exc.strerror or exc}") from None
         except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise EmdpoError(f"--config {path}: invalid YAML{at}: {problem}") from None
+            raise EmdpoError(f"--config {path}: {yaml_error_text(exc)}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise EmdpoError(f"--config {path}: expected a mapping at the top level, got {type(loaded).__name__}")
         config = loaded or {}
@@ -270,6 +264,8 @@ def add_data(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def add_serve(subparsers: Any) -> argparse.ArgumentParser:
+    from .serve import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_STARTUP_TIMEOUT, RouterLimits
+
     p = subparsers.add_parser(
         "serve", help="serve an exported ensemble on vLLM behind a weighted OpenAI-compatible router",
         description="Start vLLM's OpenAI server on a private loopback port with every adapter of ROUTING.yaml, "
@@ -277,23 +273,25 @@ def add_serve(subparsers: Any) -> argparse.ArgumentParser:
                     "with probability w_k per request (sticky per `user`); an adapter's name goes to it.",
     )
     p.add_argument("routing", metavar="ROUTING.yaml", help="routing config written by a minmax_ensemble stage or export")
-    p.add_argument("--host", default="127.0.0.1", help="router bind address (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="router port (default: 8000)")
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"router bind address (default: {DEFAULT_HOST})")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"router port (default: {DEFAULT_PORT})")
     p.add_argument("--vllm-arg", dest="vllm_args", action="append", default=[], metavar="ARG",
                    help="extra argument for vLLM's server, e.g. --vllm-arg=--max-model-len=256 (repeatable)")
     p.add_argument("--vllm-port", type=int, default=None, help="vLLM's loopback port (default: a free port)")
     p.add_argument("--seed", type=int, default=0, help="seed of the adapter draws and of vLLM")
-    p.add_argument("--startup-timeout", type=float, default=600.0, metavar="S", help="seconds to wait for vLLM")
+    p.add_argument("--startup-timeout", type=float, default=DEFAULT_STARTUP_TIMEOUT, metavar="S",
+                   help="seconds to wait for vLLM")
     limits = p.add_argument_group("request limits (each refusal is a one-line JSON error)")
-    limits.add_argument("--max-body-bytes", type=int, default=4 * 2**20, metavar="N",
-                        help="largest request body; larger is 413 (default: 4 MiB)")
-    limits.add_argument("--max-json-depth", type=int, default=64, metavar="N",
-                        help="deepest nesting of arrays/objects in a request; deeper is 400 (default: 64)")
-    limits.add_argument("--request-timeout", type=float, default=600.0, metavar="S",
+    d = RouterLimits()
+    limits.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, metavar="N",
+                        help=f"largest request body; larger is 413 (default: {d.max_body_bytes / 2**20:g} MiB)")
+    limits.add_argument("--max-json-depth", type=int, default=d.max_json_depth, metavar="N",
+                        help=f"deepest nesting of arrays/objects in a request; deeper is 400 (default: {d.max_json_depth})")
+    limits.add_argument("--request-timeout", type=float, default=d.request_timeout, metavar="S",
                         help="total seconds for a request: its body, then vLLM's whole answer (a stream's first "
-                             "bytes); later is 408/504 (default: 600)")
-    limits.add_argument("--max-stream-seconds", type=float, default=1800.0, metavar="S",
-                        help="a streamed answer is cut with an error event after S seconds (default: 1800)")
+                             f"bytes); later is 408/504 (default: {d.request_timeout:g})")
+    limits.add_argument("--max-stream-seconds", type=float, default=d.max_stream_seconds, metavar="S",
+                        help=f"a streamed answer is cut with an error event after S seconds (default: {d.max_stream_seconds:g})")
     p.add_argument("--log-dir", metavar="DIR", help="vLLM logs (default: serve-logs/ beside ROUTING.yaml)")
     p.set_defaults(func=cmd_serve)
     return p
@@ -322,8 +320,8 @@ def add_export(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--priority", required=True, metavar="C1,C2,...",
                    help="one positive weight per type, in routing.yaml's adapter order, e.g. 1,4")
     p.add_argument("--out", required=True, metavar="DIR", help="new serving folder")
-    p.add_argument("--eta", type=float, default=0.05, help="optimistic Hedge step size (default 0.05)")
-    p.add_argument("--steps", type=int, default=10_000, help="optimistic Hedge iterations (default 10000)")
+    p.add_argument("--eta", type=float, default=HEDGE_ETA, help=f"optimistic Hedge step size (default {HEDGE_ETA})")
+    p.add_argument("--steps", type=int, default=HEDGE_STEPS, help=f"optimistic Hedge iterations (default {HEDGE_STEPS})")
     p.set_defaults(func=cmd_export)
     return p
 

@@ -65,7 +65,7 @@ def test_outputs_that_break_their_declared_kind_fail_the_stage(tmp_path):
 
 def test_validate_outputs_accepts_extra_keys_and_names_the_missing_one():
     validate_outputs("d", ("dataset",), {"dir": "d", "manifest": "d/manifest.json", "train": 3, "mine": 1})
-    with pytest.raises(EmdpoError, match=r"stage 'e': .* clustering artifact \(clustering: field required\)"):
+    with pytest.raises(EmdpoError, match=r"stage 'e': .* clustering artifact \(clustering: required key missing\)"):
         validate_outputs("e", ("policies", "clustering"), {"policies": {"e/type0": "e/type0"}})
 
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-from emdpo_plugin.config import StrictModel
+from emdpo_plugin.config import StrictModel, format_validation_error
 from emdpo_plugin.errors import EmdpoError
 
 from .corpus import MAX_SENTENCES
@@ -173,9 +173,4 @@ def engine_options(cfg: ImdbConfig, kind: str) -> dict[str, Any]:
 
 def config_error(exc: ValidationError, prefix: str = "imdb_synthetic") -> EmdpoError:
     """One line naming each bad dotted key, e.g. `config key 'source.foo': unknown key`."""
-    parts = []
-    for err in exc.errors():
-        dotted = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        parts.append(f"config key '{dotted}': {msg}")
-    return EmdpoError(f"{prefix}: " + "; ".join(parts))
+    return EmdpoError(f"{prefix}: " + format_validation_error(exc, config_keys=True))

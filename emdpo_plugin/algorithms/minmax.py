@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import linprog
 
+from .defaults import HEDGE_ETA, HEDGE_STEPS
+
 
 def regret_matrix(L: np.ndarray, priority: np.ndarray | None = None) -> np.ndarray:
     """(K+1, K) game matrix: row 0 zeros, `R[k, k'] = c_k (L[k,k] - L[k,k'])` for real groups.
@@ -44,7 +46,7 @@ def _normalise_exp(log_w: np.ndarray) -> np.ndarray:
     return z / z.sum()
 
 
-def optimistic_hedge(R: np.ndarray, eta: float = 0.05, steps: int = 10_000) -> HedgeResult:
+def optimistic_hedge(R: np.ndarray, eta: float = HEDGE_ETA, steps: int = HEDGE_STEPS) -> HedgeResult:
     """Optimistic Hedge vs optimistic Hedge on `min_w max_p p^T R w`, averaged iterates.
 
     `w_t ~ w_{t-1} exp(-eta (2 R^T p_{t-1} - R^T p_{t-2}))`,

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
+from ..algorithms.defaults import HEDGE_ETA, HEDGE_STEPS
 from ..algorithms.minmax import game_value_lp, optimistic_hedge, regret_matrix
 from ..errors import EmdpoError
 from .routing import RoutingConfig, adapter_dirs, load_routing, mixture_entries, write_routing
@@ -33,8 +34,8 @@ def _load_game(stage_dir: Path) -> np.ndarray:
     return L
 
 
-def reexport(stage_dir: str | Path, out_dir: str | Path, priority: list[float], *, eta: float = 0.05,
-             steps: int = 10_000) -> dict:
+def reexport(stage_dir: str | Path, out_dir: str | Path, priority: list[float], *, eta: float = HEDGE_ETA,
+             steps: int = HEDGE_STEPS) -> dict:
     """Solve the game for `priority` and write `out_dir/routing.yaml` (+ adapters, game.npz)."""
     stage_dir, out_dir = Path(stage_dir), Path(out_dir)
     source = load_routing(stage_dir / "routing.yaml")

@@ -13,8 +13,8 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from ..config import StrictModel
-from ..errors import EmdpoError
+from ..config import StrictModel, format_validation_error
+from ..errors import EmdpoError, yaml_error_text
 
 FORMAT = "emdpo-routing/v1"
 
@@ -76,13 +76,11 @@ def load_routing(path: str | Path) -> RoutingConfig:
     except FileNotFoundError:
         raise EmdpoError(f"{path}: no such routing config") from None
     except yaml.YAMLError as exc:
-        raise EmdpoError(f"{path}: invalid YAML: {exc}".replace("\n", " ")) from None
+        raise EmdpoError(f"{path}: {yaml_error_text(exc)}") from None
     try:
         cfg = RoutingConfig.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "config"
-        raise EmdpoError(f"{path}: {where}: {err['msg']}") from None
+        raise EmdpoError(f"{path}: {format_validation_error(exc, whole='config')}") from None
     root = path.parent.resolve()
     for i, a in enumerate(cfg.adapters):
         target = (root / a.path).resolve()

@@ -12,7 +12,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from ..errors import RecipeError
+from ..errors import RecipeError, yaml_error_text
 from .schema import Recipe
 
 TOP_LEVEL_KEYS = ("extends", *Recipe.model_fields)  # the schema decides; `extends` is resolved here
@@ -50,10 +50,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RecipeError(f"{path}: invalid YAML{at}: {problem}") from None
+        raise RecipeError(f"{path}: {yaml_error_text(exc)}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: expected a mapping at the top level, got {_kind(raw)}")
     return raw

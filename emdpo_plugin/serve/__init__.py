@@ -12,23 +12,30 @@ import signal
 import time
 from pathlib import Path
 
-from ..export.routing import load_routing
 from .limits import RouterLimits
-from .router import Target, build_app
-from .vllm_server import plan_servers
 
-__all__ = ["RouterLimits", "serve"]
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "DEFAULT_STARTUP_TIMEOUT", "RouterLimits", "serve"]
+
+# `serve()`'s defaults, which the CLI shows: importing this package loads no server stack
+# (FastAPI, httpx, vLLM helpers), so the CLI can build its parser from them cheaply.
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+DEFAULT_STARTUP_TIMEOUT = 600.0  # seconds to wait for vLLM to become healthy
 
 
 class _Stop(Exception):
     """Raised by the SIGTERM handler while vLLM is starting (before uvicorn owns the signals)."""
 
 
-def serve(routing_path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, vllm_args: list[str] = (),
-          vllm_port: int | None = None, seed: int = 0, startup_timeout: float = 600.0,
+def serve(routing_path: str | Path, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, vllm_args: list[str] = (),
+          vllm_port: int | None = None, seed: int = 0, startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
           limits: RouterLimits = RouterLimits(), log_dir: str | Path | None = None) -> int:
     """Serve `routing_path` until SIGTERM/SIGINT; returns the exit code."""
     import uvicorn
+
+    from ..export.routing import load_routing
+    from .router import Target, build_app
+    from .vllm_server import plan_servers
 
     routing_path = Path(routing_path)
     cfg = load_routing(routing_path)

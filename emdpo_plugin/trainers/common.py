@@ -21,6 +21,11 @@ def rel_path(ctx: StageContext, path: Path) -> str:
     return str(path.relative_to(ctx.run_dir))
 
 
+def stage_seed(ctx: StageContext, config: Any) -> int:
+    """The stage config's `seed` when set, else the recipe's."""
+    return ctx.seed if config.seed is None else config.seed
+
+
 def dataset_from(ctx: StageContext, outputs: dict[str, Any], slot: str = "dataset") -> DatasetDir:
     """The dataset an earlier stage wrote, loaded (and its hashes checked) once per run.
 

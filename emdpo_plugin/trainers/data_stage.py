@@ -20,7 +20,7 @@ from ..data.manifest import build_manifest
 from ..data.sources import read_source
 from ..errors import RecipeError
 from .base import StageConfig, StageContext, Trainer
-from .common import rel_path
+from .common import rel_path, stage_seed
 
 
 class DataConfig(StageConfig):
@@ -45,7 +45,7 @@ class DataStage(Trainer):
             raise RecipeError(f"stages.{ctx.stage_name}: set either data.builder or data.path, not both")
         if cfg.builder:
             build = registry.get(registry.DATA_BUILDERS, cfg.builder)
-            built = build(cfg.config, seed=ctx.seed if cfg.seed is None else cfg.seed)
+            built = build(cfg.config, seed=stage_seed(ctx, cfg))
             manifest = build_manifest(built.train, built.test, builder=cfg.builder, config=built.config,
                                       labels=built.labels, extra=built.extra, val=built.val,
                                       disjoint_prompts=built.disjoint_prompts)

@@ -18,7 +18,7 @@ from ..artifacts import Slot
 from ..backends.base import FitSchedule
 from ..errors import RecipeError
 from .base import StageConfig, StageContext, Trainer
-from .common import dataset_from, rel_path
+from .common import dataset_from, rel_path, stage_seed
 
 
 class DPOConfig(StageConfig):
@@ -49,7 +49,7 @@ class DPOStage(Trainer):
         backend = ctx.backend
         epochs = budget_from(ctx, inputs["budget"]) if "budget" in inputs else config.epochs
         schedule = FitSchedule(epochs=epochs) if epochs is not None else None
-        policy = backend.new_policy(ctx.seed if config.seed is None else config.seed)
+        policy = backend.new_policy(stage_seed(ctx, config))
         stats = backend.fit(policy, train, np.ones(len(train)), warm=False, desc=ctx.stage_name, schedule=schedule)
         path = ctx.out_dir / "policy"
         backend.save(policy, path)

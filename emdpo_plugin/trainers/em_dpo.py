@@ -62,7 +62,7 @@ from ..data.schema import ComparisonSet
 from ..errors import RecipeError
 from ..executors import Executor, FitJob, LocalExecutor
 from .base import StageConfig, StageContext, Trainer
-from .common import dataset_from, rel_path, run_path
+from .common import dataset_from, rel_path, run_path, stage_seed
 
 
 LOCAL = LocalExecutor()
@@ -409,7 +409,7 @@ class EMDPOStage(Trainer):
     def run(self, ctx: StageContext, config: EMConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         data = dataset_from(ctx, inputs["dataset"]).train
         candidates = config.candidates
-        base_seed = ctx.seed if config.seed is None else config.seed
+        base_seed = stage_seed(ctx, config)
         fingerprint = hashlib.sha256(json.dumps([config.model_dump(), ctx.recipe.get("model", {}),
                                                  inputs["dataset"]], sort_keys=True, default=str).encode()).hexdigest()
         init_resp = None

@@ -23,7 +23,7 @@ from ..backends.base import FitSchedule
 from ..errors import RecipeError
 from ..executors import FitJob
 from .base import StageConfig, StageContext, Trainer
-from .common import dataset_from, rel_path
+from .common import dataset_from, rel_path, stage_seed
 from .dpo import budget_from
 
 
@@ -72,7 +72,7 @@ class GroupDPOStage(Trainer):
             raise RecipeError(f"stages.{ctx.stage_name}: group_dpo needs a group label on every training row "
                               f"({missing} of {len(train)} rows have none); drop this stage for unlabelled data")
         groups = sorted(set(labels))
-        backend, seed = ctx.backend, ctx.seed if config.seed is None else config.seed
+        backend, seed = ctx.backend, stage_seed(ctx, config)
         epochs = budget_from(ctx, inputs["budget"]) if "budget" in inputs else config.epochs
         schedule = FitSchedule(epochs=epochs) if epochs is not None else None
         jobs = [FitJob(backend.new_policy(seed + 1000 * i), (labels == g).astype(np.float64), False,

@@ -18,6 +18,7 @@ import numpy as np
 from pydantic import Field
 from tqdm.auto import tqdm
 
+from ..algorithms.defaults import HEDGE_ETA, HEDGE_STEPS
 from ..algorithms.minmax import game_value_lp, optimistic_hedge, regret_matrix
 from ..backends.base import SupportsExactExpectation, SupportsExport, SupportsVLLMSampling
 from .base import StageConfig, StageContext, Trainer
@@ -26,12 +27,12 @@ from ..artifacts import Slot
 from ..errors import EmdpoError, RecipeError
 from ..export.routing import RoutingConfig, mixture_entries, write_routing
 from ..eval.evaluate import clustering_report
-from .common import dataset_from, policies_from, prompts_from, rel_path, run_path
+from .common import dataset_from, policies_from, prompts_from, rel_path, run_path, stage_seed
 
 
 class MinMaxConfig(StageConfig):
-    eta: float = Field(0.05, gt=0, description="optimistic Hedge step size")
-    steps: int = Field(10_000, ge=1, description="optimistic Hedge iterations")
+    eta: float = Field(HEDGE_ETA, gt=0, description="optimistic Hedge step size")
+    steps: int = Field(HEDGE_STEPS, ge=1, description="optimistic Hedge iterations")
     priority: list[float] | dict[str, float] | None = Field(None, description=(
         "priority weights c_k of the weighted variant: a list per type, or {group: c} for data with "
         "labelled groups (each type takes the priority of the group it is matched to)"))
@@ -148,7 +149,7 @@ class MinMaxEnsembleStage(Trainer):
         backend = ctx.backend
         named = policies_from(ctx, inputs["policies"])
         names, policies = list(named), list(named.values())
-        seed = ctx.seed if config.seed is None else config.seed
+        seed = stage_seed(ctx, config)
         if "dataset" in inputs:
             prompts = prompts_from(dataset_from(ctx, inputs["dataset"]).train, config.prompts, seed)
         else:

@@ -16,7 +16,7 @@ from pydantic import Field
 from .. import dist
 from ..artifacts import Slot
 from .base import StageConfig, StageContext, Trainer
-from .common import dataset_from, rel_path
+from .common import dataset_from, rel_path, stage_seed
 
 
 class SFTConfig(StageConfig):
@@ -55,7 +55,7 @@ class SFTStage(Trainer):
         data = dataset_from(ctx, inputs["dataset"]).train
         template = TemplateOnly(CHAT_TEMPLATE, "tiny")  # message lists as the tiny tokenizer will render them
         texts = sorted({"".join(render_pair(template, row.prompt, r)) for row in data.rows for r in row.responses})
-        seed = ctx.seed if config.seed is None else config.seed
+        seed = stage_seed(ctx, config)
         rng = np.random.default_rng(seed)
         if len(texts) > config.max_texts:
             texts = [texts[i] for i in sorted(rng.choice(len(texts), config.max_texts, replace=False))]
