@@ -16,8 +16,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from . import __version__, registry
-from .artifacts import as_slot
+from . import registry
 from .errors import EmdpoError
 
 AddCommand = Callable[[Any], argparse.ArgumentParser]
@@ -91,63 +90,23 @@ def format_plan(plan: Any, output_dir: str | None) -> str:
 
 
 def add_trainers(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("trainers", help="list trainer types and their config fields")
+    p = subparsers.add_parser(
+        "trainers", help="the config reference: recipe keys, model: sections, trainer types and their fields",
+        description="Every key a recipe may set, with type, default and description: the top level, the model: "
+                    "section of each registered backend, and each registered trainer's inputs and config "
+                    "(only the named trainers when TRAINER is given).")
     p.add_argument("names", nargs="*", metavar="TRAINER", help="only these (registered names or module:Class)")
+    p.add_argument("--markdown", action="store_true", help="print Markdown (docs/recipes.md is this output)")
     p.set_defaults(func=cmd_trainers)
     return p
 
 
 def cmd_trainers(args: argparse.Namespace) -> int:
-    from .recipe.schema import load_trainer
+    from .reference import markdown_reference, text_reference
 
-    names = args.names or registry.names(registry.TRAINERS)
-    if not names:
-        print("no trainers registered")
-        return 0
-    blocks = []
-    for name in names:
-        try:
-            trainer = load_trainer(name)
-        except EmdpoError as exc:
-            if args.names:  # asked for by name: a real error
-                raise
-            blocks.append(f"{name}\n  (cannot load: {exc})")
-            continue
-        blocks.append(describe_trainer(name, trainer))
-    print("\n\n".join(blocks))
+    render = markdown_reference if args.markdown else text_reference
+    print(render(args.names or None).rstrip("\n"))
     return 0
-
-
-def describe_trainer(name: str, trainer: type) -> str:
-    """Plain-text description: inputs and every config field with type and default."""
-    lines = [f"{name}  {(getattr(trainer, 'description', '') or '').strip()}".rstrip()]
-    slots = dict(getattr(trainer, "input_slots", {}) or {})
-    required = set(getattr(trainer, "required_inputs", ()) or ())
-    if slots:
-        lines.append("  inputs:")
-        for slot, what in slots.items():
-            need = "required" if slot in required else "optional"
-            lines.append(f"    {slot} ({need}): {as_slot(what).describe()}")
-    else:
-        lines.append("  inputs: none")
-    produces = tuple(getattr(trainer, "produces", ()) or ())
-    lines.append(f"  produces: {', '.join(produces) if produces else 'undeclared'}")
-    fields = trainer.Config.model_fields
-    if fields:
-        lines.append("  config:")
-        for fname, info in fields.items():
-            default = "required" if info.is_required() else f"= {info.get_default(call_default_factory=True)!r}"
-            desc = f"  # {info.description}" if info.description else ""
-            lines.append(f"    {fname}: {_type_name(info.annotation)} {default}{desc}")
-    else:
-        lines.append("  config: none")
-    return "\n".join(lines)
-
-
-def _type_name(annotation: Any) -> str:
-    if isinstance(annotation, type) and not getattr(annotation, "__args__", None):
-        return annotation.__name__
-    return str(annotation).replace("typing.", "")
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -379,12 +338,26 @@ def build_parser() -> argparse.ArgumentParser:
         prog=Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "openrlhf",
         description="EM-DPO, Cluster-DPO and MinMax-DPO for heterogeneous annotators (OpenRLHF plugin).",
     )
-    parser.add_argument("--version", action="version", version=f"emdpo_plugin {__version__}")
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the versions of this plugin, OpenRLHF, torch, DeepSpeed, vLLM, transformers, peft")
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     for add in COMMANDS.values():
         add(sub)
     parser.set_defaults(func=lambda args: _missing_subcommand(parser))
     return parser
+
+
+class _VersionAction(argparse.Action):
+    """`--version`: the plugin's and its stack's versions, looked up only when asked for."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        from .versions import version_report
+
+        print(version_report())
+        parser.exit()
 
 
 def _missing_subcommand(parser: argparse.ArgumentParser) -> int:

@@ -352,7 +352,7 @@ def test_cli_trainers_lists_fields(capsys, monkeypatch):
     # all registered: a broken entry point is listed, not fatal (registry stubbed: keeps this fast)
     from emdpo_plugin import registry
 
-    monkeypatch.setattr(registry, "names", lambda group: ["nope", W])
+    monkeypatch.setattr(registry, "names", lambda group: ["nope", W] if group == registry.TRAINERS else [])
     capsys.readouterr()
     assert run_cli("trainers") == 0
     out = capsys.readouterr().out

@@ -34,46 +34,59 @@ from .openrlhf_compat import apply_cpu_compat
 
 
 class LoraSpec(StrictModel):
-    rank: int = Field(16, ge=0, description="0 = full fine-tuning (one full copy per type)")
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: str | list[str] = "all-linear"
+    """`model.lora`: every type policy is a LoRA adapter on one frozen base (peft)."""
+
+    rank: int = Field(16, ge=0, description="LoRA rank; 0 = full fine-tuning (one full copy per type, as the paper)")
+    alpha: int = Field(32, description="LoRA alpha (updates scaled by alpha / rank)")
+    dropout: float = Field(0.0, description="LoRA dropout")
+    target_modules: str | list[str] = Field("all-linear", description=(
+        "modules that get adapters, by peft name; all-linear: every linear layer but the output head"))
 
 
 class TrainSpec(StrictModel):
-    micro_batch_size: int = 4
-    batch_size: int = 16
-    max_epochs: int = Field(1, ge=1)
-    warm_epochs: int | None = Field(None, ge=1)  # epochs of a warm-started M-step (default: max_epochs)
-    lr: float = Field(5e-7, gt=0)
+    """`model.train`: the optimisation of each fit (OpenRLHF's train.* and adam.* options)."""
+
+    micro_batch_size: int = Field(4, description="comparisons per forward/backward pass on each process")
+    batch_size: int = Field(16, description=(
+        "comparisons per optimiser step over all processes (global batch; a multiple of micro_batch_size x processes)"))
+    max_epochs: int = Field(1, ge=1, description=(
+        "passes over its comparisons of a fit from the reference: dpo, EM seeding and cold M-steps (paper: 1)"))
+    warm_epochs: int | None = Field(None, ge=1, description="passes of a warm-started EM M-step (default: max_epochs)")
+    lr: float = Field(5e-7, gt=0, description="peak learning rate (paper Table 2: 5e-7)")
     optimizer: Literal["adamw", "rmsprop"] = Field("adamw", description=(
         "adamw: OpenRLHF's own DeepSpeed AdamW; rmsprop: torch.optim.RMSprop (alpha 0.99, eps 1e-8, "
         "no momentum), the paper's optimiser, handed to DeepSpeed through its optimizer config"))
-    lr_warmup_steps: int = Field(150, ge=0)
+    lr_warmup_steps: int = Field(150, ge=0, description="warm-up optimiser steps, capped at a fit's length (paper: 150)")
     lr_scheduler: str = Field("cosine_with_min_lr", description=(
         "a transformers scheduler name: cosine_with_min_lr (OpenRLHF's default), constant_with_warmup "
         "(the paper: warm-up then constant), linear, constant, ..."))
-    min_lr_ratio: float = 0.1
-    max_norm: float = 1.0
-    adam_betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.0
-    seed: int = 42
+    min_lr_ratio: float = Field(0.1, description="cosine_with_min_lr: the final lr as a fraction of lr")
+    max_norm: float = Field(1.0, description="gradient clipping: largest global gradient norm")
+    adam_betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas (optimizer: adamw)")
+    weight_decay: float = Field(0.0, description="weight decay of AdamW or RMSprop")
+    seed: int = Field(42, description="OpenRLHF's train.seed: the training engine's torch seed")
 
 
 class DSSpec(StrictModel):
-    zero_stage: int | None = None  # default: 2 on GPU, 0 on CPU
-    param_dtype: Literal["bf16", "fp16", "fp32"] | None = None  # default: bf16 on GPU, fp32 on CPU
-    attn_implementation: str = "sdpa"
-    gradient_checkpointing: bool = False
+    """`model.ds`: DeepSpeed and model loading (OpenRLHF's ds.* options)."""
+
+    zero_stage: int | None = Field(None, description="DeepSpeed ZeRO stage (default: 2 on GPU, 0 on CPU)")
+    param_dtype: Literal["bf16", "fp16", "fp32"] | None = Field(None, description=(
+        "parameter dtype (default: bf16 on GPU, fp32 on CPU)"))
+    attn_implementation: str = Field("sdpa", description=(
+        "transformers attention: sdpa, eager, or flash_attention_2 (needs the flash-attn package)"))
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less memory, slower")
     torch_adam: bool | None = Field(None, description=(
         "DeepSpeed's torch AdamW instead of its fused op (which JIT-compiles: ~75 s on CPU, needs nvcc "
         "on GPU); default: on CPU only"))
 
 
 class GenerationSpec(StrictModel):
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    top_p: float = 1.0
+    """`model.generation`: sampling for the regret matrix L and the oracle regret (HF generate or vLLM)."""
+
+    max_new_tokens: int = Field(48, description="largest number of tokens sampled per response")
+    temperature: float = Field(1.0, description="sampling temperature (1.0: the policy's own distribution)")
+    top_p: float = Field(1.0, description="nucleus sampling p (1.0: off)")
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description=(
         "sampler: vllm on GPU: vLLM's share of GPU memory (weights + KV cache), next to the training model"))
     vllm_offload_training_model: bool = Field(True, description=(
@@ -81,20 +94,23 @@ class GenerationSpec(StrictModel):
 
 
 class OpenRLHFModelConfig(StrictModel):
-    pretrain: str = Field(..., description="the SFT reference: a model folder, a hub id, or stage:NAME")
-    trust_remote_code: bool = False
-    beta: float = 0.1
-    label_smoothing: float = 0.0
+    """The `model:` section of `backend: openrlhf`: causal LMs trained through OpenRLHF."""
+
+    pretrain: str = Field(..., description="the SFT reference: a model folder, a hub id, or stage:NAME (an sft stage's model)")
+    trust_remote_code: bool = Field(False, description="run a model repository's own code when loading it")
+    beta: float = Field(0.1, description="DPO beta: strength of the KL penalty to the reference (paper: 0.1)")
+    label_smoothing: float = Field(0.0, description="conservative DPO epsilon (OpenRLHF's name): assumed label-flip "
+                                                    "probability; 0: plain DPO")
     nll_loss_coef: float = Field(0.0, ge=0.0, description=(
         "OpenRLHF's nll_loss_coef: adds coef * per-token NLL of each comparison's top response to "
         "the (weighted) DPO loss, which keeps type policies near the reference's likelihood scale; "
         "a training regulariser only: the E-step and EM's monotonicity guard use the pure likelihood"))
-    max_len: int = 512
-    eval_batch_size: int = 16
-    lora: LoraSpec = LoraSpec()
-    train: TrainSpec = TrainSpec()
-    ds: DSSpec = DSSpec()
-    generation: GenerationSpec = GenerationSpec()
+    max_len: int = Field(512, description="tokens of prompt + response; longer responses are truncated (paper: 512)")
+    eval_batch_size: int = Field(16, description="comparisons per scoring batch (reference, E-step); sequences per sampling batch")
+    lora: LoraSpec = Field(LoraSpec(), description="LoRA adapters (rank 0: full fine-tuning)")
+    train: TrainSpec = Field(TrainSpec(), description="optimisation of each fit")
+    ds: DSSpec = Field(DSSpec(), description="DeepSpeed and model loading")
+    generation: GenerationSpec = Field(GenerationSpec(), description="sampling for the regret matrix and oracle regret")
 
 
 @dataclass

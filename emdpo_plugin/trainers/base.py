@@ -14,12 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from pydantic import Field
+
 from ..artifacts import Slot
 from ..config import StrictModel
 
 
 class StageConfig(StrictModel):
     """Base for per-trainer config schemas: unknown keys are errors, not silently ignored."""
+
+
+def seed_field(what: str) -> Any:
+    """A stage's optional `seed` field; unset means the recipe's seed."""
+    return Field(None, description=f"seed of {what} (default: the recipe's seed)")
 
 
 @dataclass

@@ -11,6 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from .. import registry
 from ..data import io
 from ..data.io import load_dataset_dir
@@ -18,16 +20,19 @@ from ..data.keys import DataKeys
 from ..data.manifest import build_manifest, write_dataset_dir
 from ..data.sources import read_source
 from ..errors import RecipeError
-from .base import StageConfig, StageContext, Trainer
+from .base import StageConfig, StageContext, Trainer, seed_field
 from .common import rel_path
 
 
 class DataConfig(StageConfig):
-    builder: str | None = None  # registered builder name or `module:function`
-    config: dict[str, Any] = {}  # the builder's config
-    path: str | None = None  # existing data instead of a builder: a file, a folder or a hub dataset id
-    keys: DataKeys = DataKeys()  # source column names, e.g. {prompt: question, annotator: user}
-    seed: int | None = None  # defaults to the recipe seed
+    builder: str | None = Field(None, description="a registered data builder (imdb_synthetic, bandit, ...) or "
+                                                   "module:function; set this or path")
+    config: dict[str, Any] = Field({}, description="the builder's config (docs/builders.md)")
+    path: str | None = Field(None, description="existing data instead of a builder: a .jsonl/.parquet file, a dataset "
+                                                "folder, a save_to_disk folder or a hub dataset id")
+    keys: DataKeys = Field(DataKeys(), description="source column of each format-v1 field, e.g. "
+                                                   "{prompt: question, annotator: user}")
+    seed: int | None = seed_field("the builder")
 
 
 class DataStage(Trainer):

@@ -61,7 +61,7 @@ from ..backends.base import FitSchedule
 from ..data.schema import ComparisonSet
 from ..errors import RecipeError
 from ..executors import Executor, FitJob, LocalExecutor
-from .base import StageConfig, StageContext, Trainer
+from .base import StageConfig, StageContext, Trainer, seed_field
 from .common import dataset_from, rel_path, run_path
 
 
@@ -69,11 +69,15 @@ LOCAL = LocalExecutor()
 
 
 class EMConfig(StageConfig):
-    K: int | list[int] = Field(2, description="number of latent annotator types, or a list to choose from by held-out log-likelihood")
-    iterations: int = Field(10, ge=1, description="maximum EM iterations")
-    tol: float = Field(0.0, ge=0, description="stop when the log-likelihood gains less than tol (relative)")
-    min_responsibility: float = Field(0.0, ge=0, lt=1, description="M-step skips rows whose annotator's g_ik is below this")
-    init: Literal["seeded", "dirichlet"] = Field("seeded", description="symmetry breaking: likelihood k-means++ seeding or random responsibilities (ignored when inputs.init names a clustering stage)")
+    K: int | list[int] = Field(2, description="number of latent annotator types; a list (e.g. [1, 2, 3, 4]) picks one "
+                                              "by held-out log-likelihood")
+    iterations: int = Field(10, ge=1, description="maximum EM iterations (paper: 10 for IMDb, up to 100 for the bandit)")
+    tol: float = Field(0.0, ge=0, description="stop when the log-likelihood gains less than tol (relative); 0: run every iteration")
+    min_responsibility: float = Field(0.0, ge=0, lt=1, description="M-step skips rows whose annotator's responsibility g_ik "
+                                                                   "for the type is below this; 0: none skipped")
+    init: Literal["seeded", "dirichlet"] = Field("seeded", description=(
+        "symmetry breaking: seeded (trained seeding policies, eta_0 = 1/K: Algorithm 1) or dirichlet (random "
+        "responsibilities); ignored when inputs.init names a clustering stage"))
     seeding: Literal["split", "annotator"] = Field("split", description=(
         "init: seeded: split (type 0 on everyone, next types on the worse-explained annotators; for LMs) or "
         "annotator (likelihood k-means++ over single annotators; for small tabular policies such as the bandit)"))
@@ -83,7 +87,7 @@ class EMConfig(StageConfig):
     warm_start: bool = Field(True, description="M-steps continue from the previous policies (warm_epochs); false: each M-step refits from the reference for max_epochs (the dpo baseline's budget per final policy)")
     heldout_fraction: float = Field(0.2, gt=0, lt=1, description="K list: share of each annotator's comparisons held out to score each K")
     restarts: int = Field(1, ge=1, description="EM runs from different seeds; the best log-likelihood wins")
-    seed: int | None = None
+    seed: int | None = seed_field("seeding, Dirichlet draws and restarts")
 
     @field_validator("K")
     @classmethod

@@ -15,22 +15,22 @@ from pydantic import Field
 
 from .. import dist
 from ..artifacts import Slot
-from .base import StageConfig, StageContext, Trainer
+from .base import StageConfig, StageContext, Trainer, seed_field
 from .common import dataset_from, rel_path
 
 
 class SFTConfig(StageConfig):
     model: str = Field("tiny", description="'tiny' (built locally) or an existing SFT model folder / hub id")
-    vocab_size: int = 2000
-    hidden_size: int = 64
-    layers: int = 2
-    heads: int = Field(2, description="hidden_size / heads must be >= 32 (vLLM's CPU attention)")
-    max_position: int = 256
-    sft_steps: int = 150
-    batch_size: int = 16
-    lr: float = 3e-3
-    max_texts: int = 4000  # distinct prompt + response texts drawn from the training data
-    seed: int | None = None
+    vocab_size: int = Field(2000, description="tiny: upper bound of the BPE vocabulary trained on the data")
+    hidden_size: int = Field(64, description="tiny: hidden width")
+    layers: int = Field(2, description="tiny: transformer layers")
+    heads: int = Field(2, description="tiny: attention heads; hidden_size / heads must be >= 32 (vLLM's CPU attention)")
+    max_position: int = Field(256, description="tiny: context length in tokens")
+    sft_steps: int = Field(150, description="tiny: SFT optimiser steps through OpenRLHF's SFT path")
+    batch_size: int = Field(16, description="tiny: texts per SFT step")
+    lr: float = Field(3e-3, description="tiny: peak AdamW learning rate (cosine schedule with a floor)")
+    max_texts: int = Field(4000, description="tiny: distinct prompt and response texts drawn from the training data")
+    seed: int | None = seed_field("the tokenizer, initialisation and SFT")
 
 
 class SFTStage(Trainer):
