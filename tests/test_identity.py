@@ -5,6 +5,7 @@ Fast: fixture trainers, the bandit backend, and a tiny-LM build with its heavy s
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -280,3 +281,11 @@ def test_a_comparison_id_in_two_splits_is_refused_naming_it_and_the_splits(tmp_p
         message = str(info.value)
         assert "\n" not in message and "'c1'" in message and "train" in message and "test" in message, message
 
+
+def test_reliability_doc_names_only_tests_that_exist():
+    """docs/reliability.md pairs each guarantee with its test: a renamed test must not leave it stale."""
+    root = Path(__file__).resolve().parent
+    defined = {m for f in root.glob("test_*.py") for m in re.findall(r"^(?:async )?def (test_\w+)", f.read_text(), re.M)}
+    words = re.findall(r"(?<![\w.])(test_\w+)(\.py)?", (root.parent / "docs" / "reliability.md").read_text())
+    named = {name for name, is_file in words if not is_file}
+    assert len(named) > 20 and named <= defined, sorted(named - defined)
