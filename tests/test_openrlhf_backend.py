@@ -100,6 +100,15 @@ def test_reference_logps_are_cached_on_disk(tiny_model, tmp_path):
     second = _backend(tiny_model, tmp_path)  # a resumed run: nothing recomputed
     np.testing.assert_array_equal(second.ref_score(data), ref)
     assert second.stats["ref_rows_computed"] == 0 and second.stats["ref_rows_cached"] == 16
+    # other prompts under the same comparison ids (a resumed run with another seed): scored afresh
+    moved = ComparisonSet([Comparison(r.annotator_id, "another " + r.prompt, r.responses, r.ranking, r.comparison_id)
+                           for r in data.rows])
+    np.testing.assert_allclose(second.ref_score(moved), second.score(None, moved.prompts, moved.responses), atol=1e-6)
+    assert second.stats["ref_rows_computed"] == 16
+    # another reference (max_len cuts sequences differently): another cache file
+    third = _backend(tiny_model, tmp_path, max_len=48)
+    third.ref_score(data)
+    assert third.stats["ref_rows_computed"] == 16 and len(list((tmp_path / "cache").glob("ref-logps-*.npz"))) == 2
 
 
 def test_sample_returns_n_completions_per_prompt(tiny_model, tmp_path):

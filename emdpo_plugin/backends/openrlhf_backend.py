@@ -5,13 +5,13 @@ adapter on that base and the reference is the same base with adapters disabled: 
 the weights in memory. A policy is the set of trainable tensors (adapter weights, or all weights
 for full fine-tuning); it is copied into the model to score, sample, train or save it.
 
-Reference log-probs of the dataset are computed once and cached on disk by comparison id
-(`<run>/cache/`); the reference model never runs inside EM iterations.
+Reference log-probs of the dataset are computed once and cached on disk (`<run>/cache/`,
+`ref_cache`), keyed by the reference model's identity and each row's prompt and responses;
+the reference model never runs inside EM iterations.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -29,7 +29,9 @@ from ..config import StrictModel
 from ..data.chat import render_pair, render_prompt
 from ..data.schema import ComparisonSet
 from ..errors import EmdpoError
+from ..fingerprint import model_identity
 from .base import FitSchedule
+from .ref_cache import ReferenceCache, cache_file
 from .openrlhf_compat import apply_cpu_compat
 
 
@@ -188,10 +190,16 @@ class OpenRLHFBackend:
 
             openrlhf_compat.TORCH_ADAM = self.cfg.ds.torch_adam
         self.pretrain = resolve_pretrain(self.cfg.pretrain, self.run_dir)
-        self._tokens: dict[tuple[str, str], Any] = {}
-        self._ref_cache: dict[str, np.ndarray] | None = None
+        self._tokens: dict[tuple[str, str], Any] = {}  # by text: one tokenizer per backend
         self.stats: dict[str, float] = {"ref_rows_computed": 0, "ref_rows_cached": 0, "ref_seconds": 0.0}
         self._build()
+        # what the reference's scores depend on: the model (a `stage:` model: that stage's
+        # fingerprint), and how sequences are cut and computed
+        self.reference_identity = {"model": model_identity(self.cfg.pretrain, self.pretrain, self.run_dir),
+                                   "max_len": self.cfg.max_len, "dtype": self.args.ds.param_dtype,
+                                   "attn": self.cfg.ds.attn_implementation}
+        self.ref_cache = ReferenceCache(cache_file(self.run_dir, self.reference_identity))
+        self.stats: dict[str, float] = {"ref_rows_computed": 0, "ref_rows_cached": 0, "ref_seconds": 0.0}
 
     # --- set-up -----------------------------------------------------------------------------
     def _build(self) -> None:
@@ -352,36 +360,18 @@ class OpenRLHFBackend:
         self._activate(policy)
         return self._score_active(prompts, responses, "score")
 
-    def _cache_file(self) -> Path | None:
-        if self.run_dir is None:
-            return None
-        key = hashlib.sha256(json.dumps([self.pretrain, self.cfg.max_len, self.args.ds.param_dtype]).encode()).hexdigest()[:16]
-        return self.run_dir / "cache" / f"ref_logps-{key}.npz"
-
     def ref_score(self, data: ComparisonSet) -> np.ndarray:
-        """Reference log-probs, computed once per comparison id and kept on disk."""
-        if self._ref_cache is None:
-            f = self._cache_file()
-            self._ref_cache = dict(np.load(f, allow_pickle=False)) if f is not None and f.exists() else {}
-        missing = [i for i, cid in enumerate(data.comparison_ids) if cid not in self._ref_cache]
-        self.stats["ref_rows_cached"] += len(data) - len(missing)
-        if missing:
-            t = time.perf_counter()
-            scores = self.score(None, [data.prompts[i] for i in missing], [data.responses[i] for i in missing])
-            for row, i in enumerate(missing):
-                self._ref_cache[data.comparison_ids[i]] = scores[row, : len(data.responses[i])]
-            self.stats["ref_rows_computed"] += len(missing)
+        """Reference log-probs, computed once per (prompt, responses) and kept on disk (`ref_cache`)."""
+        t = time.perf_counter()
+
+        def compute(rows: list[int]) -> np.ndarray:
+            return self.score(None, [data.prompts[i] for i in rows], [data.responses[i] for i in rows])
+
+        out, computed = self.ref_cache.scores(data, compute, write=dist.is_driver())  # under a launcher rank 0 writes
+        self.stats["ref_rows_cached"] += len(data) - computed
+        if computed:
+            self.stats["ref_rows_computed"] += computed
             self.stats["ref_seconds"] += time.perf_counter() - t
-            f = self._cache_file()
-            if f is not None and dist.is_driver():  # under a launcher rank 0 alone writes
-                f.parent.mkdir(parents=True, exist_ok=True)
-                tmp = f.with_suffix(".tmp.npz")
-                np.savez(tmp, **self._ref_cache)
-                tmp.replace(f)
-        out = np.full((len(data), data.max_responses), np.nan)
-        for i, cid in enumerate(data.comparison_ids):
-            v = self._ref_cache[cid]
-            out[i, : len(v)] = v
         return out
 
     # --- policies -------------------------------------------------------------------------

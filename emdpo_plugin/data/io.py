@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from emdpo_plugin.data.keys import DataKeys
-from emdpo_plugin.data.rows import KNOWN_FIELDS, common_text_format, parse_row, parse_rows
+from emdpo_plugin.data.rows import KNOWN_FIELDS, check_ids_across_splits, common_text_format, parse_row, parse_rows
 from emdpo_plugin.data.schema import Comparison, ComparisonSet
 from emdpo_plugin.errors import DataError
 
@@ -253,6 +253,16 @@ class DatasetDir:
         """`chat_template` (message-list prompts) or `plain`; every split agrees (checked on load)."""
         return self.train.text_format
 
+    @property
+    def content_hash(self) -> str:
+        """The rows' identity: the manifest's content hash (checked against the files on load), or
+        computed when the folder has no manifest. What every artifact built from the data keys on."""
+        from emdpo_plugin.data.manifest import content_hash
+
+        if self.manifest.get("content_hash"):
+            return self.manifest["content_hash"]
+        return content_hash(self.train.rows, self.test.rows if self.test else None, self.val.rows if self.val else None)
+
 
 def find_split_file(folder: Path, split: str) -> Path | None:
     """The one data file for `split` (train/val/test) in a dataset folder, if any."""
@@ -300,6 +310,8 @@ def load_dataset_dir(path: str | Path) -> DatasetDir:
     val = read_split_file(val_file, "val") if val_file is not None else None
     common_text_format({f.name: r for f, r in ((train_file, train), (val_file, val), (test_file, test))
                         if f is not None and r is not None})
+    check_ids_across_splits({s: (str(f), r) for s, f, r in (("train", train_file, train), ("val", val_file, val),
+                                                             ("test", test_file, test)) if f is not None and r is not None})
     manifest = read_manifest(folder) if (folder / "manifest.json").is_file() else {}
     if manifest:
         check_manifest(folder / "manifest.json", manifest, train, test, val)

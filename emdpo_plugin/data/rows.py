@@ -274,3 +274,20 @@ def common_text_format(files: Mapping[str, list[Comparison]]) -> str:
             raise DataError(f"{name}: row 1: field 'prompt': expected {want} like the prompts of {first[1]} "
                             "(every split of a dataset has one text format)")
     return first[0] if first else PLAIN
+
+
+def check_ids_across_splits(splits: Mapping[str, tuple[str, list[Comparison]]]) -> None:
+    """Refuse a comparison id used in two splits (split -> (file or source label, rows)).
+
+    Ids name rows in per-row results (`eval/per_row.py`) and in messages; one id in train and
+    test would make a held-out row indistinguishable from a training row there (and positional
+    ids from a builder that forgot the split prefix collide exactly so). One line naming the id,
+    both splits and both rows."""
+    seen: dict[str, tuple[str, str, int]] = {}
+    for split, (label, rows) in splits.items():
+        for number, row in enumerate(rows, start=1):
+            other, other_label, other_row = seen.setdefault(row.comparison_id, (split, label, number))
+            if other != split:  # a repeat within one file is parse_rows' error
+                raise DataError(f"{label}: row {number}: field 'comparison_id': {row.comparison_id!r} is also row "
+                                f"{other_row} of {other_label} (splits {other} and {split}); a comparison id must "
+                                "be unique across train/val/test")

@@ -19,6 +19,7 @@ from typing import Any
 from ..errors import DataError
 from . import io
 from .keys import DataKeys
+from .rows import check_ids_across_splits
 from .schema import Comparison
 
 HF_SPLITS = {"train": "train", "validation": "val", "val": "val", "test": "test"}
@@ -82,14 +83,18 @@ def read_hf(path: str | Path, keys: DataKeys | None = None) -> Splits:
 
 
 def read_source(path: str, keys: DataKeys | None = None) -> Splits:
-    """Every split of a user data source (see the module docstring); train is always there."""
+    """Every split of a user data source (see the module docstring); train is always there, and
+    no comparison id is in two splits."""
     local = Path(path).expanduser()
     if is_hub_id(path) or io.is_hf_folder(local):
-        return read_hf(path, keys)
-    if local.is_dir():
+        splits = read_hf(path, keys)
+    elif local.is_dir():
         files = {s: io.find_split_file(local, s) for s in io.SPLITS}
         if files["train"] is None:
             raise DataError(f"{local}: no train.jsonl or train.parquet, and not an HF datasets folder; "
                             f"supported: {io.SUPPORTED_FORMATS}")
-        return {s: (f.name, io.read_split_file(f, s, keys)) for s, f in files.items() if f is not None}
-    return {"train": (local.name, io.read_comparisons(local, keys=keys))}
+        splits = {s: (f.name, io.read_split_file(f, s, keys)) for s, f in files.items() if f is not None}
+    else:
+        splits = {"train": (local.name, io.read_comparisons(local, keys=keys))}
+    check_ids_across_splits({s: splits[s] for s in io.SPLITS if s in splits})
+    return splits

@@ -20,6 +20,7 @@ from ..data.keys import DataKeys
 from ..data.manifest import build_manifest, write_dataset_dir
 from ..data.sources import read_source
 from ..errors import RecipeError
+from ..fingerprint import path_digest
 from .base import StageConfig, StageContext, Trainer, seed_field
 from .common import rel_path
 
@@ -41,9 +42,22 @@ class DataStage(Trainer):
     Config = DataConfig
     produces = ("dataset",)
 
+    @classmethod
+    def source_identity(cls, config: DataConfig, recipe: dict[str, Any]) -> Any:
+        """`data.path`'s bytes: a file edited in place (same path, same config) is new data."""
+        try:
+            path = cls._merged(config, recipe).path
+        except ValueError:  # a bad data section: the stage itself reports it when it runs
+            return None
+        found = path_digest(path) if path else None
+        return {"path_digest": found} if found else None
+
+    @staticmethod
+    def _merged(config: DataConfig, recipe: dict[str, Any]) -> DataConfig:
+        return DataConfig.model_validate({**(recipe.get("data") or {}), **config.model_dump(exclude_unset=True)})
+
     def run(self, ctx: StageContext, config: DataConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        spec = {**ctx.recipe.get("data", {}), **config.model_dump(exclude_unset=True)}
-        cfg = DataConfig.model_validate(spec)
+        cfg = self._merged(config, ctx.recipe)
         out = ctx.out_dir
         if cfg.builder and cfg.path:
             raise RecipeError(f"stages.{ctx.stage_name}: set either data.builder or data.path, not both")
@@ -71,5 +85,6 @@ class DataStage(Trainer):
         ds = load_dataset_dir(out)
         meta = sorted({k for part in (ds.train, ds.val, ds.test) if part for r in part.rows for k in r.meta})
         return {"dir": rel_path(ctx, out), "manifest": rel_path(ctx, out / "manifest.json"),
+                "content_hash": ds.content_hash,
                 "train": len(ds.train), "test": len(ds.test) if ds.test else 0, "val": len(ds.val) if ds.val else 0,
                 "text_format": ds.text_format, "meta_columns": meta}

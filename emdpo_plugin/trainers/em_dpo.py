@@ -35,13 +35,13 @@ the annotators differ at all (K = 1 wins when they do not).
 `restarts` runs EM from several seeds and keeps the run with the best final log-likelihood;
 restart r > 0 seeds type 0 on a bootstrap resample of the annotators, so restarts differ.
 A checkpoint is written after every finished iteration; a killed run resumed with the same
-config continues from the last finished iteration.
+config, seed, data content and reference model (`checkpoint_fingerprint`) continues from the
+last finished iteration; any other checkpoint is ignored and EM starts afresh.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import shutil
 import time
@@ -61,6 +61,7 @@ from ..backends.base import FitSchedule
 from ..data.schema import ComparisonSet
 from ..errors import RecipeError
 from ..executors import Executor, FitJob, LocalExecutor
+from ..fingerprint import digest
 from .base import StageConfig, StageContext, Trainer, seed_field
 from .common import dataset_from, rel_path, run_path
 
@@ -387,6 +388,17 @@ def clustering_from(ctx: StageContext, outputs: dict[str, Any], annotator_ids: l
     return resp[[pos[a] for a in annotator_ids]]
 
 
+def checkpoint_fingerprint(ctx: StageContext, config: EMConfig, seed: int, data_hash: str,
+                           init: dict[str, Any] | None) -> str:
+    """What a checkpoint must match to be resumed: the config, the seed, the model section, the
+    data's content hash, the reference model's identity (a backend's `reference_identity`, e.g. the
+    SFT stage's fingerprint) and the stage's own key. A checkpoint of another seed, other data or
+    another reference is never taken for this run's (the run folder's paths are the same)."""
+    return digest({"config": config.model_dump(mode="json"), "seed": seed, "model": ctx.recipe.get("model") or {},
+                   "data": data_hash, "reference": getattr(ctx.backend, "reference_identity", None),
+                   "init": init, "stage": ctx.key}, length=64)
+
+
 class EMDPOStage(Trainer):
     name = "em_dpo"
     description = "EM-DPO: soft EM over K latent annotator types, each M-step a weighted DPO."
@@ -411,11 +423,11 @@ class EMDPOStage(Trainer):
         return max(runs, key=lambda t: t[0]), runs
 
     def run(self, ctx: StageContext, config: EMConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        data = dataset_from(ctx, inputs["dataset"]).train
+        dataset = dataset_from(ctx, inputs["dataset"])
+        data = dataset.train
         candidates = config.candidates
         base_seed = ctx.seed if config.seed is None else config.seed
-        fingerprint = hashlib.sha256(json.dumps([config.model_dump(), ctx.recipe.get("model", {}),
-                                                 inputs["dataset"]], sort_keys=True, default=str).encode()).hexdigest()
+        fingerprint = checkpoint_fingerprint(ctx, config, base_seed, dataset.content_hash, inputs.get("init"))
         init_resp = None
         if "init" in inputs:
             if len(candidates) > 1:
