@@ -31,6 +31,7 @@ from ..data.schema import ComparisonSet
 from ..errors import EmdpoError
 from .base import FitSchedule
 from .openrlhf_compat import apply_cpu_compat
+from .ref_cache import load_ref_cache, save_ref_cache
 
 
 class LoraSpec(StrictModel):
@@ -345,8 +346,7 @@ class OpenRLHFBackend:
     def ref_score(self, data: ComparisonSet) -> np.ndarray:
         """Reference log-probs, computed once per comparison id and kept on disk."""
         if self._ref_cache is None:
-            f = self._cache_file()
-            self._ref_cache = dict(np.load(f, allow_pickle=False)) if f is not None and f.exists() else {}
+            self._ref_cache = load_ref_cache(self._cache_file())
         missing = [i for i, cid in enumerate(data.comparison_ids) if cid not in self._ref_cache]
         self.stats["ref_rows_cached"] += len(data) - len(missing)
         if missing:
@@ -358,10 +358,7 @@ class OpenRLHFBackend:
             self.stats["ref_seconds"] += time.perf_counter() - t
             f = self._cache_file()
             if f is not None and dist.is_driver():  # under a launcher rank 0 alone writes
-                f.parent.mkdir(parents=True, exist_ok=True)
-                tmp = f.with_suffix(".tmp.npz")
-                np.savez(tmp, **self._ref_cache)
-                tmp.replace(f)
+                save_ref_cache(f, self._ref_cache)
         out = np.full((len(data), data.max_responses), np.nan)
         for i, cid in enumerate(data.comparison_ids):
             v = self._ref_cache[cid]
