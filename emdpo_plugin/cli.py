@@ -8,6 +8,7 @@ plus one dict entry. User errors (`EmdpoError`) print as one `error: ...` line, 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -37,6 +38,9 @@ def add_run(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan; run nothing")
     p.add_argument("--seeds", metavar="S1,S2,...", default=None,
                    help="run once per seed into DIR/seed-<s>/ and summarise with intervals in DIR/summary/")
+    p.add_argument("--allow-extends-outside", action="store_true",
+                   help="let `extends:` name absolute paths and files outside the recipe's folder tree "
+                        "(refused by default; also EMDPO_ALLOW_EXTENDS_OUTSIDE=1)")
     p.set_defaults(func=cmd_run)
     return p
 
@@ -49,7 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .recipe.loader import load_recipe
     from .recipe.schema import validate_recipe
 
-    raw = load_recipe(args.recipe, args.overrides)
+    raw = load_recipe(args.recipe, args.overrides, allow_extends_outside=args.allow_extends_outside or None)
     plan = validate_recipe(raw, source=str(args.recipe))
     output_dir = args.output_dir or raw.get("output_dir")
     if args.dry_run:
@@ -186,19 +190,12 @@ def cmd_data_build(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from .data.manifest import build_manifest, write_dataset_dir
+    from .safe_yaml import read_yaml
 
     config: dict[str, Any] = {}
     if args.config:
         path = Path(args.config)
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise EmdpoError(f"--config {path}: cannot read: {exc.strerror or exc}") from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise EmdpoError(f"--config {path}: invalid YAML{at}: {problem}") from None
+        loaded = read_yaml(path, what="--config file")
         if loaded is not None and not isinstance(loaded, dict):
             raise EmdpoError(f"--config {path}: expected a mapping at the top level, got {type(loaded).__name__}")
         config = loaded or {}
@@ -280,7 +277,22 @@ def add_serve(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _positive(value: float, flag: str) -> float:
+    """`value` if it is a finite number > 0, else a one-line error naming `flag`."""
+    if not (math.isfinite(value) and value > 0):
+        raise EmdpoError(f"{flag}: expected a finite positive number, got {value!r}")
+    return value
+
+
+def _port(value: int | None, flag: str) -> None:
+    if value is not None and not 1 <= value <= 65535:
+        raise EmdpoError(f"{flag}: expected a port number in 1..65535, got {value}")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    _port(args.port, "--port")
+    _port(args.vllm_port, "--vllm-port")
+    _positive(args.startup_timeout, "--startup-timeout")
     from .serve import RouterLimits, serve
 
     try:
@@ -316,6 +328,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         priority = [float(x) for x in args.priority.split(",")]
     except ValueError:
         raise EmdpoError(f"--priority: expected comma-separated numbers, got {args.priority!r}") from None
+    if not all(map(math.isfinite, priority)):  # positive, and one per type, is checked against the stage
+        raise EmdpoError(f"--priority: expected finite numbers, got {args.priority!r}")
+    _positive(args.eta, "--eta")
+    if args.steps < 1:
+        raise EmdpoError(f"--steps: expected a positive integer, got {args.steps}")
     summary = reexport(args.stage, args.out, priority, eta=args.eta, steps=args.steps)
     weights = ", ".join(f"{k}={v:.3f}" for k, v in summary["weights"].items())
     print(f"wrote {summary['routing']}: {weights} (game value {summary['hedge_value']:.4f}, LP {summary['lp_value']:.4f})")

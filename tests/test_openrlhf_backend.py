@@ -111,6 +111,20 @@ def test_reference_logps_are_cached_on_disk(tiny_model, tmp_path):
     assert third.stats["ref_rows_computed"] == 16 and len(list((tmp_path / "cache").glob("ref-logps-*.npz"))) == 2
 
 
+def test_damaged_reference_cache_is_scored_again_with_a_warning(tiny_model, tmp_path, caplog):
+    from emdpo_plugin.backends.ref_cache import load_entries
+
+    data = _pairs(8)
+    ref = _backend(tiny_model, tmp_path).ref_score(data)
+    (cache,) = (tmp_path / "cache").glob("ref-logps-*.npz")
+    cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])  # a kill mid-copy, a full disk
+    again = _backend(tiny_model, tmp_path)
+    with caplog.at_level("WARNING", logger="emdpo_plugin"):
+        np.testing.assert_allclose(again.ref_score(data), ref, rtol=1e-6)
+    assert again.stats["ref_rows_computed"] == 8 and "damaged reference log-prob cache dropped" in caplog.text
+    assert len(load_entries(cache)) == 8  # written whole again
+
+
 def test_sample_returns_n_completions_per_prompt(tiny_model, tmp_path):
     be = _backend(tiny_model, tmp_path, generation={"max_new_tokens": 8})
     out = be.sample(be.new_policy(0), ["the film was", "i think"], 3, seed=0)

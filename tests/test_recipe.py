@@ -93,7 +93,7 @@ def test_extends_deep_merges_and_merges_stages_by_name(tmp_path):
           - {{name: d, trainer: "{W}", inputs: {{upstream: a}}}}
         """,
     )
-    r = load_recipe(child)
+    r = load_recipe(child, allow_extends_outside=True)  # sub/child.yaml extends ../base.yaml: outside sub/
     assert r["name"] == "child" and r["seed"] == 5
     assert r["model"] == {"backend": "bandit", "hidden": 8, "opt": {"lr": 0.5, "wd": 0.0}}
     assert [s["name"] for s in r["stages"]] == ["a", "c", "d"]

@@ -6,11 +6,15 @@ another seed or other data reuses the ids for other prompts. An entry is therefo
 hash of its prompt and responses (the only inputs of the reference's scores), and the file by
 the reference model's identity (`OpenRLHFBackend.reference_identity`: the SFT stage's
 fingerprint or the model folder's files, plus max_len and dtype). A changed prompt or model
-misses the cache and is scored again; nothing stale can be served.
+misses the cache and is scored again; nothing stale can be served. A cache only saves time, so
+a file that cannot be read (cut short by a kill, damaged on disk, not written by us) is dropped
+with a warning and its rows are scored again, never a traceback.
 """
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,6 +22,9 @@ import numpy as np
 
 from ..data.schema import ComparisonSet
 from ..fingerprint import digest
+from ..runlog import warn
+
+_DAMAGED = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
 
 
 def row_key(prompt: str, responses: list[str]) -> str:
@@ -39,8 +46,7 @@ class ReferenceCache:
 
     def _entries(self) -> dict[str, np.ndarray]:
         if self._rows is None:
-            found = self.path is not None and self.path.exists()
-            self._rows = dict(np.load(self.path, allow_pickle=False)) if found else {}
+            self._rows = load_entries(self.path)
         return self._rows
 
     def missing(self, data: ComparisonSet) -> list[int]:
@@ -70,11 +76,34 @@ class ReferenceCache:
             for row, i in enumerate(distinct):
                 rows[keys[i]] = computed[row, : len(data.responses[i])]
             if write and self.path is not None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = self.path.with_suffix(".tmp.npz")
-                np.savez(tmp, **rows)
-                tmp.replace(self.path)
+                save_entries(self.path, rows)
         out = np.full((len(data), data.max_responses), np.nan)
         for i, k in enumerate(keys):
             out[i, : len(rows[k])] = rows[k]
         return out, len(missing)
+
+
+def load_entries(path: Path | None) -> dict[str, np.ndarray]:
+    """A cache file's entries; {} when there is none or it is damaged (with a warning)."""
+    if path is None or not path.exists():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            rows = {key: np.asarray(z[key]) for key in z.files}
+        for key, v in rows.items():
+            if v.ndim != 1 or not np.issubdtype(v.dtype, np.floating) or np.isnan(v).any():
+                raise ValueError(f"entry {key!r} is not a 1-D array of log-probs")
+    except _DAMAGED as exc:
+        reason = (str(exc).splitlines() or [""])[0]
+        warn(f"warning: {path}: damaged reference log-prob cache dropped ({type(exc).__name__}: {reason}); "
+             "its rows are scored again")
+        return {}
+    return rows
+
+
+def save_entries(path: Path, rows: dict[str, np.ndarray]) -> None:
+    """Write the entries atomically (a kill leaves the old file or the new one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **rows)
+    tmp.replace(path)

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 from ..errors import DataError
+from ..safe_json import MAX_DEPTH, depth_exceeds
 from .chat import CHAT, PLAIN, ChatMessages, parse_messages, text_format_of
 from .keys import FIELDS_BY, DataKeys
 from .schema import Comparison, comparison_hash
@@ -183,8 +184,11 @@ def _parse_meta(row: dict, at: At) -> dict[str, Any]:
         meta[key] = value
     for key, value in meta.items():
         try:
-            json.dumps(value)
-        except (TypeError, ValueError):
+            json.dumps(value, allow_nan=False)
+        except ValueError:
+            raise _fail(at, key, f"extra column kept as metadata: expected finite numbers (JSON has no NaN or "
+                                 f"infinity; use null), found {_kind(value)}") from None
+        except TypeError:
             raise _fail(at, key, f"extra column kept as metadata: expected a JSON value, found {_kind(value)}") from None
     return meta
 
@@ -213,6 +217,8 @@ def parse_row(row: Any, at: At | str, columns: Mapping[str, str] | None = None) 
     at = At(at) if isinstance(at, str) else at
     if not isinstance(row, dict):
         raise DataError(f"{at.where}: expected a JSON object, found {_kind(row)}")
+    if depth_exceeds(row, MAX_DEPTH):
+        raise DataError(f"{at.where}: nests deeper than {MAX_DEPTH} levels")
     row = _canonical(row, at, columns or {})
     annotator_id = _scalar_id(row, "annotator_id", at)
     if "prompt" not in row:

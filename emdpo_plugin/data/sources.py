@@ -40,7 +40,7 @@ def _hf_splits(name: str, obj: Any, keys: DataKeys | None) -> Splits:
     import datasets
 
     if not isinstance(obj, datasets.DatasetDict):
-        return {"train": (name, io.parse_rows(name, io.iter_hf(obj), keys))}
+        return {"train": (name, io.require_rows(name, io.parse_rows(name, io.iter_hf(obj), keys)))}
     unknown = sorted(set(obj) - set(HF_SPLITS))
     if unknown or "train" not in obj:
         raise DataError(f"{name}: holds splits [{', '.join(sorted(obj))}]; expected train (required), "
@@ -50,7 +50,8 @@ def _hf_splits(name: str, obj: Any, keys: DataKeys | None) -> Splits:
     out: Splits = {}
     for split, ds in obj.items():
         label = f"{name}[{split}]"
-        out[HF_SPLITS[split]] = (label, io.parse_rows(label, io.iter_hf(ds), keys))
+        rows = io.parse_rows(label, io.iter_hf(ds), keys)
+        out[HF_SPLITS[split]] = (label, io.require_rows(label, rows) if split == "train" else rows)
     return out
 
 
