@@ -8,6 +8,7 @@ plus one dict entry. User errors (`EmdpoError`) print as one `error: ...` line, 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -16,11 +17,10 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from . import __version__, registry
+from . import registry
 from .algorithms.defaults import HEDGE_ETA, HEDGE_STEPS
-from .artifacts import as_slot
 from .config import format_validation_error
-from .errors import EmdpoError, yaml_error_text
+from .errors import EmdpoError
 
 AddCommand = Callable[[Any], argparse.ArgumentParser]
 
@@ -40,6 +40,9 @@ def add_run(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan; run nothing")
     p.add_argument("--seeds", metavar="S1,S2,...", default=None,
                    help="run once per seed into DIR/seed-<s>/ and summarise with intervals in DIR/summary/")
+    p.add_argument("--allow-extends-outside", action="store_true",
+                   help="let `extends:` name absolute paths and files outside the recipe's folder tree "
+                        "(refused by default; also EMDPO_ALLOW_EXTENDS_OUTSIDE=1)")
     p.set_defaults(func=cmd_run)
     return p
 
@@ -52,7 +55,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .recipe.loader import load_recipe
     from .recipe.schema import format_plan, validate_recipe
 
-    raw = load_recipe(args.recipe, args.overrides)
+    raw = load_recipe(args.recipe, args.overrides, allow_extends_outside=args.allow_extends_outside or None)
     plan = validate_recipe(raw, source=str(args.recipe))
     output_dir = args.output_dir or raw.get("output_dir")
     if args.dry_run:
@@ -70,63 +73,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def add_trainers(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("trainers", help="list trainer types and their config fields")
+    p = subparsers.add_parser(
+        "trainers", help="the config reference: recipe keys, model: sections, trainer types and their fields",
+        description="Every key a recipe may set, with type, default and description: the top level, the model: "
+                    "section of each registered backend, and each registered trainer's inputs and config "
+                    "(only the named trainers when TRAINER is given).")
     p.add_argument("names", nargs="*", metavar="TRAINER", help="only these (registered names or module:Class)")
+    p.add_argument("--markdown", action="store_true", help="print Markdown (docs/recipes.md is this output)")
     p.set_defaults(func=cmd_trainers)
     return p
 
 
 def cmd_trainers(args: argparse.Namespace) -> int:
-    from .recipe.schema import load_trainer
+    from .reference import markdown_reference, text_reference
 
-    names = args.names or registry.names(registry.TRAINERS)
-    if not names:
-        print("no trainers registered")
-        return 0
-    blocks = []
-    for name in names:
-        try:
-            trainer = load_trainer(name)
-        except EmdpoError as exc:
-            if args.names:  # asked for by name: a real error
-                raise
-            blocks.append(f"{name}\n  (cannot load: {exc})")
-            continue
-        blocks.append(describe_trainer(name, trainer))
-    print("\n\n".join(blocks))
+    render = markdown_reference if args.markdown else text_reference
+    print(render(args.names or None).rstrip("\n"))
     return 0
-
-
-def describe_trainer(name: str, trainer: type) -> str:
-    """Plain-text description: inputs and every config field with type and default."""
-    lines = [f"{name}  {(getattr(trainer, 'description', '') or '').strip()}".rstrip()]
-    slots = dict(getattr(trainer, "input_slots", {}) or {})
-    required = set(getattr(trainer, "required_inputs", ()) or ())
-    if slots:
-        lines.append("  inputs:")
-        for slot, what in slots.items():
-            need = "required" if slot in required else "optional"
-            lines.append(f"    {slot} ({need}): {as_slot(what).describe()}")
-    else:
-        lines.append("  inputs: none")
-    produces = tuple(getattr(trainer, "produces", ()) or ())
-    lines.append(f"  produces: {', '.join(produces) if produces else 'undeclared'}")
-    fields = trainer.Config.model_fields
-    if fields:
-        lines.append("  config:")
-        for fname, info in fields.items():
-            default = "required" if info.is_required() else f"= {info.get_default(call_default_factory=True)!r}"
-            desc = f"  # {info.description}" if info.description else ""
-            lines.append(f"    {fname}: {_type_name(info.annotation)} {default}{desc}")
-    else:
-        lines.append("  config: none")
-    return "\n".join(lines)
-
-
-def _type_name(annotation: Any) -> str:
-    if isinstance(annotation, type) and not getattr(annotation, "__args__", None):
-        return annotation.__name__
-    return str(annotation).replace("typing.", "")
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -202,16 +165,12 @@ def cmd_data_build(args: argparse.Namespace) -> int:
 
     from .data.io import write_dataset_dir
     from .data.manifest import build_manifest
+    from .safe_yaml import read_yaml
 
     config: dict[str, Any] = {}
     if args.config:
         path = Path(args.config)
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise EmdpoError(f"--config {path}: cannot read: {exc.strerror or exc}") from None
-        except yaml.YAMLError as exc:
-            raise EmdpoError(f"--config {path}: {yaml_error_text(exc)}") from None
+        loaded = read_yaml(path, what="--config file")
         if loaded is not None and not isinstance(loaded, dict):
             raise EmdpoError(f"--config {path}: expected a mapping at the top level, got {type(loaded).__name__}")
         config = loaded or {}
@@ -297,7 +256,22 @@ def add_serve(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _positive(value: float, flag: str) -> float:
+    """`value` if it is a finite number > 0, else a one-line error naming `flag`."""
+    if not (math.isfinite(value) and value > 0):
+        raise EmdpoError(f"{flag}: expected a finite positive number, got {value!r}")
+    return value
+
+
+def _port(value: int | None, flag: str) -> None:
+    if value is not None and not 1 <= value <= 65535:
+        raise EmdpoError(f"{flag}: expected a port number in 1..65535, got {value}")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    _port(args.port, "--port")
+    _port(args.vllm_port, "--vllm-port")
+    _positive(args.startup_timeout, "--startup-timeout")
     from .serve import RouterLimits, serve
 
     try:
@@ -333,6 +307,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         priority = [float(x) for x in args.priority.split(",")]
     except ValueError:
         raise EmdpoError(f"--priority: expected comma-separated numbers, got {args.priority!r}") from None
+    if not all(map(math.isfinite, priority)):  # positive, and one per type, is checked against the stage
+        raise EmdpoError(f"--priority: expected finite numbers, got {args.priority!r}")
+    _positive(args.eta, "--eta")
+    if args.steps < 1:
+        raise EmdpoError(f"--steps: expected a positive integer, got {args.steps}")
     summary = reexport(args.stage, args.out, priority, eta=args.eta, steps=args.steps)
     weights = ", ".join(f"{k}={v:.3f}" for k, v in summary["weights"].items())
     print(f"wrote {summary['routing']}: {weights} (game value {summary['hedge_value']:.4f}, LP {summary['lp_value']:.4f})")
@@ -355,12 +334,26 @@ def build_parser() -> argparse.ArgumentParser:
         prog=Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "openrlhf",
         description="EM-DPO, Cluster-DPO and MinMax-DPO for heterogeneous annotators (OpenRLHF plugin).",
     )
-    parser.add_argument("--version", action="version", version=f"emdpo_plugin {__version__}")
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the versions of this plugin, OpenRLHF, torch, DeepSpeed, vLLM, transformers, peft")
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     for add in COMMANDS.values():
         add(sub)
     parser.set_defaults(func=lambda args: _missing_subcommand(parser))
     return parser
+
+
+class _VersionAction(argparse.Action):
+    """`--version`: the plugin's and its stack's versions, looked up only when asked for."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        from .versions import version_report
+
+        print(version_report())
+        parser.exit()
 
 
 def _missing_subcommand(parser: argparse.ArgumentParser) -> int:

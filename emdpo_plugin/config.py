@@ -9,9 +9,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 
 class StrictModel(BaseModel):
-    """Unknown keys are errors: a typo in a recipe must not be silently ignored."""
+    """Unknown keys are errors: a typo in a recipe must not be silently ignored. NaN and
+    infinities are refused where a float is expected (`.nan`/`.inf` in YAML)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 _TYPE_NAMES = {

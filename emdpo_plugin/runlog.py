@@ -35,6 +35,11 @@ def info(message: str, *, terminal: bool = True) -> None:
     LOGGER.info(_MARKUP.sub("", message), extra={"terminal": terminal})
 
 
+def warn(message: str) -> None:
+    """A warning line: the terminal and run.log during a run, stderr otherwise."""
+    LOGGER.warning(_MARKUP.sub("", message))
+
+
 @contextmanager
 def run_logging(run_dir: Path) -> Iterator[Path]:
     """Attach run.log (appended to on --resume) and the terminal handler for one run."""

@@ -1,14 +1,29 @@
-"""Test trainers and a fake backend for tests/test_recipe.py, referenced as `module:Class`
-so the recipe machinery is tested without the built-in trainers."""
+"""Test trainers and a fake backend for tests/test_recipe.py and tests/test_identity.py, referenced
+as `module:Class` so the recipe machinery is tested without the built-in trainers."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 
 from emdpo_plugin.trainers.base import StageConfig, StageContext, Trainer
+
+
+def bandit_em_recipe(path: Path, output_dir: Path, restarts: int = 1) -> Path:
+    """A small real recipe (bandit data -> em_dpo, seed 1) written to `path`: seconds to run."""
+    path.write_text(f"""name: em
+seed: 1
+output_dir: {output_dir}
+model: {{backend: bandit, epochs: 20, warm_epochs: 20}}
+data: {{builder: bandit, config: {{annotators: 16, pairs_per_annotator: 4}}}}
+stages:
+  - {{name: data, trainer: data}}
+  - {{name: em, trainer: em_dpo, inputs: {{dataset: data}}, config: {{K: 2, iterations: 2, restarts: {restarts}}}}}
+""")
+    return path
 
 
 def bump_count(ctx: StageContext) -> int:

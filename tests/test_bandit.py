@@ -243,7 +243,8 @@ def _recipe(tmp_path, body: str) -> Path:
     ("stages:\n  - {name: minmax, inputs: {policies: emm}}\n", "emm"),
 ])
 def test_bad_recipes_fail_with_one_line(tmp_path, body, needle):
-    proc = _run_cli("run", str(_recipe(tmp_path, body)), "--output-dir", str(tmp_path / "out"))
+    proc = _run_cli("run", str(_recipe(tmp_path, body)), "--output-dir", str(tmp_path / "out"),
+                    "--allow-extends-outside")  # the recipe extends recipes/bandit.yaml from tmp_path
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], proc.stderr

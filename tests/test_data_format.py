@@ -67,7 +67,9 @@ def test_round_trip_is_exact(tmp_path, writer, name):
 
 def test_round_trip_of_empty_parquet_keeps_schema(tmp_path):
     write_parquet([], tmp_path / "e.parquet")
-    assert read_comparisons(tmp_path / "e.parquet") == []
+    assert read_comparisons(tmp_path / "e.parquet", allow_empty=True) == []
+    with pytest.raises(DataError, match="no comparisons"):
+        read_comparisons(tmp_path / "e.parquet")
 
 
 def test_writer_refuses_invalid_rows(tmp_path):

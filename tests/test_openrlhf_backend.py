@@ -100,6 +100,29 @@ def test_reference_logps_are_cached_on_disk(tiny_model, tmp_path):
     second = _backend(tiny_model, tmp_path)  # a resumed run: nothing recomputed
     np.testing.assert_array_equal(second.ref_score(data), ref)
     assert second.stats["ref_rows_computed"] == 0 and second.stats["ref_rows_cached"] == 16
+    # other prompts under the same comparison ids (a resumed run with another seed): scored afresh
+    moved = ComparisonSet([Comparison(r.annotator_id, "another " + r.prompt, r.responses, r.ranking, r.comparison_id)
+                           for r in data.rows])
+    np.testing.assert_allclose(second.ref_score(moved), second.score(None, moved.prompts, moved.responses), atol=1e-6)
+    assert second.stats["ref_rows_computed"] == 16
+    # another reference (max_len cuts sequences differently): another cache file
+    third = _backend(tiny_model, tmp_path, max_len=48)
+    third.ref_score(data)
+    assert third.stats["ref_rows_computed"] == 16 and len(list((tmp_path / "cache").glob("ref-logps-*.npz"))) == 2
+
+
+def test_damaged_reference_cache_is_scored_again_with_a_warning(tiny_model, tmp_path, caplog):
+    from emdpo_plugin.backends.ref_cache import load_entries
+
+    data = _pairs(8)
+    ref = _backend(tiny_model, tmp_path).ref_score(data)
+    (cache,) = (tmp_path / "cache").glob("ref-logps-*.npz")
+    cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])  # a kill mid-copy, a full disk
+    again = _backend(tiny_model, tmp_path)
+    with caplog.at_level("WARNING", logger="emdpo_plugin"):
+        np.testing.assert_allclose(again.ref_score(data), ref, rtol=1e-6)
+    assert again.stats["ref_rows_computed"] == 8 and "damaged reference log-prob cache dropped" in caplog.text
+    assert len(load_entries(cache)) == 8  # written whole again
 
 
 def test_sample_returns_n_completions_per_prompt(tiny_model, tmp_path):

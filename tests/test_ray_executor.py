@@ -210,7 +210,7 @@ def test_lm_recipe_on_ray_matches_local(tmp_path):
         assert m_ray["clustering"][stage]["ari"] == pytest.approx(m_local["clustering"][stage]["ari"], abs=0.05)
     # Per-group accuracy: 32 test rows per group here, so one row is 0.031 and the actors' single-thread
     # float sums (the local run uses two threads) flip a row or two; the full recipe (128 rows per
-    # group) is held to 0.05 by hand (README, Ray executor).
+    # group) is held to 0.05 by hand (docs/scale-out.md, Ray executor).
     acc = {name: {g: (v["accuracy"], m_ray["policies"][name]["per_group"][g]["accuracy"])
                   for g, v in policy["per_group"].items()}
            for name, policy in m_local["policies"].items() if name.startswith(("em/", "kmeans/"))}

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
 from ..algorithms.likelihood import comparison_loglik
@@ -26,15 +27,18 @@ from .base import FitSchedule
 
 
 class BanditModelConfig(StrictModel):
-    arms: int = 3
-    context_dim: int = 3
-    hidden_size: int = 10
-    layers: int = 3  # linear layers
-    beta: float = 1.0
-    label_smoothing: float = 0.0  # conservative DPO eps (OpenRLHF's `label_smoothing`)
-    lr: float = 0.01
-    epochs: int = 1000  # full-batch Adam steps per fit from the reference (paper Table 1: max epochs 1000)
-    warm_epochs: int = 200  # steps per warm-started fit (EM iterations after the first)
+    """The `model:` section of `backend: bandit` (paper section 5.1, Table 1)."""
+
+    arms: int = Field(3, description="arms (responses) per context (paper: 3)")
+    context_dim: int = Field(3, description="context dimension; contexts are uniform on [0, 1]^d (paper: 3)")
+    hidden_size: int = Field(10, description="MLP width (paper: 10)")
+    layers: int = Field(3, description="linear layers of the MLP (paper: 3)")
+    beta: float = Field(1.0, description="DPO beta (paper: 1)")
+    label_smoothing: float = Field(0.0, description="conservative DPO epsilon (OpenRLHF's label_smoothing); 0: plain "
+                                                    "DPO (recipes/bandit.yaml: 0.01)")
+    lr: float = Field(0.01, description="Adam learning rate (paper: 0.01)")
+    epochs: int = Field(1000, description="full-batch Adam steps per fit from the reference (paper Table 1: max epochs 1000)")
+    warm_epochs: int = Field(200, description="steps per warm-started fit (EM iterations after the first)")
 
 
 def _mlp(cfg: BanditModelConfig) -> nn.Sequential:

@@ -47,7 +47,10 @@ class FitSchedule:
 
 @runtime_checkable
 class PolicyBackend(Protocol):
-    """What every backend implements and the stages call."""
+    """What every backend implements and the stages call.
+
+    Optional: `reference_identity` (JSON-able), what the reference model is (e.g. the SFT stage's
+    fingerprint); EM checkpoints key on it, so a changed reference never resumes an old one."""
 
     beta: float
     label_smoothing: float  # conservative-DPO eps used by fit and by the E-step alike
@@ -57,7 +60,7 @@ class PolicyBackend(Protocol):
         """A fresh policy initialised from the reference (the start of every type policy)."""
 
     def ref_score(self, data: ComparisonSet) -> np.ndarray:
-        """Reference log-probs of every response, computed once and cached by comparison id."""
+        """Reference log-probs of every response, computed once (a backend may cache them by content)."""
 
     def score(self, policy: Any | None, prompts: list[str], responses: list[list[str]]) -> np.ndarray:
         """Log-probs of arbitrary responses (inference only, batched, no grad); None = reference."""

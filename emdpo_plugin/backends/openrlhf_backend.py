@@ -5,13 +5,13 @@ adapter on that base and the reference is the same base with adapters disabled: 
 the weights in memory. A policy is the set of trainable tensors (adapter weights, or all weights
 for full fine-tuning); it is copied into the model to score, sample, train or save it.
 
-Reference log-probs of the dataset are computed once and cached on disk by comparison id
-(`<run>/cache/`); the reference model never runs inside EM iterations.
+Reference log-probs of the dataset are computed once and cached on disk (`<run>/cache/`,
+`ref_cache`), keyed by the reference model's identity and each row's prompt and responses;
+the reference model never runs inside EM iterations.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -29,51 +29,66 @@ from ..config import StrictModel
 from ..data.chat import render_pair, render_prompt
 from ..data.schema import ComparisonSet
 from ..errors import EmdpoError
+from ..fingerprint import model_identity
 from .base import FitSchedule
+from .ref_cache import ReferenceCache, cache_file
 from .openrlhf_compat import apply_cpu_compat
 
 
 class LoraSpec(StrictModel):
-    rank: int = Field(16, ge=0, description="0 = full fine-tuning (one full copy per type)")
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: str | list[str] = "all-linear"
+    """`model.lora`: every type policy is a LoRA adapter on one frozen base (peft)."""
+
+    rank: int = Field(16, ge=0, description="LoRA rank; 0 = full fine-tuning (one full copy per type, as the paper)")
+    alpha: int = Field(32, description="LoRA alpha (updates scaled by alpha / rank)")
+    dropout: float = Field(0.0, description="LoRA dropout")
+    target_modules: str | list[str] = Field("all-linear", description=(
+        "modules that get adapters, by peft name; all-linear: every linear layer but the output head"))
 
 
 class TrainSpec(StrictModel):
-    micro_batch_size: int = 4
-    batch_size: int = 16
-    max_epochs: int = Field(1, ge=1)
-    warm_epochs: int | None = Field(None, ge=1)  # epochs of a warm-started M-step (default: max_epochs)
-    lr: float = Field(5e-7, gt=0)
+    """`model.train`: the optimisation of each fit (OpenRLHF's train.* and adam.* options)."""
+
+    micro_batch_size: int = Field(4, description="comparisons per forward/backward pass on each process")
+    batch_size: int = Field(16, description=(
+        "comparisons per optimiser step over all processes (global batch; a multiple of micro_batch_size x processes)"))
+    max_epochs: int = Field(1, ge=1, description=(
+        "passes over its comparisons of a fit from the reference: dpo, EM seeding and cold M-steps (paper: 1)"))
+    warm_epochs: int | None = Field(None, ge=1, description="passes of a warm-started EM M-step (default: max_epochs)")
+    lr: float = Field(5e-7, gt=0, description="peak learning rate (paper Table 2: 5e-7)")
     optimizer: Literal["adamw", "rmsprop"] = Field("adamw", description=(
         "adamw: OpenRLHF's own DeepSpeed AdamW; rmsprop: torch.optim.RMSprop (alpha 0.99, eps 1e-8, "
         "no momentum), the paper's optimiser, handed to DeepSpeed through its optimizer config"))
-    lr_warmup_steps: int = Field(150, ge=0)
+    lr_warmup_steps: int = Field(150, ge=0, description="warm-up optimiser steps, capped at a fit's length (paper: 150)")
     lr_scheduler: str = Field("cosine_with_min_lr", description=(
         "a transformers scheduler name: cosine_with_min_lr (OpenRLHF's default), constant_with_warmup "
         "(the paper: warm-up then constant), linear, constant, ..."))
-    min_lr_ratio: float = 0.1
-    max_norm: float = 1.0
-    adam_betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.0
-    seed: int = 42
+    min_lr_ratio: float = Field(0.1, description="cosine_with_min_lr: the final lr as a fraction of lr")
+    max_norm: float = Field(1.0, description="gradient clipping: largest global gradient norm")
+    adam_betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas (optimizer: adamw)")
+    weight_decay: float = Field(0.0, description="weight decay of AdamW or RMSprop")
+    seed: int = Field(42, description="OpenRLHF's train.seed: the training engine's torch seed")
 
 
 class DSSpec(StrictModel):
-    zero_stage: int | None = None  # default: 2 on GPU, 0 on CPU
-    param_dtype: Literal["bf16", "fp16", "fp32"] | None = None  # default: bf16 on GPU, fp32 on CPU
-    attn_implementation: str = "sdpa"
-    gradient_checkpointing: bool = False
+    """`model.ds`: DeepSpeed and model loading (OpenRLHF's ds.* options)."""
+
+    zero_stage: int | None = Field(None, description="DeepSpeed ZeRO stage (default: 2 on GPU, 0 on CPU)")
+    param_dtype: Literal["bf16", "fp16", "fp32"] | None = Field(None, description=(
+        "parameter dtype (default: bf16 on GPU, fp32 on CPU)"))
+    attn_implementation: str = Field("sdpa", description=(
+        "transformers attention: sdpa, eager, or flash_attention_2 (needs the flash-attn package)"))
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less memory, slower")
     torch_adam: bool | None = Field(None, description=(
         "DeepSpeed's torch AdamW instead of its fused op (which JIT-compiles: ~75 s on CPU, needs nvcc "
         "on GPU); default: on CPU only"))
 
 
 class GenerationSpec(StrictModel):
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    top_p: float = 1.0
+    """`model.generation`: sampling for the regret matrix L and the oracle regret (HF generate or vLLM)."""
+
+    max_new_tokens: int = Field(48, description="largest number of tokens sampled per response")
+    temperature: float = Field(1.0, description="sampling temperature (1.0: the policy's own distribution)")
+    top_p: float = Field(1.0, description="nucleus sampling p (1.0: off)")
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description=(
         "sampler: vllm on GPU: vLLM's share of GPU memory (weights + KV cache), next to the training model"))
     vllm_offload_training_model: bool = Field(True, description=(
@@ -81,20 +96,23 @@ class GenerationSpec(StrictModel):
 
 
 class OpenRLHFModelConfig(StrictModel):
-    pretrain: str = Field(..., description="the SFT reference: a model folder, a hub id, or stage:NAME")
-    trust_remote_code: bool = False
-    beta: float = 0.1
-    label_smoothing: float = 0.0
+    """The `model:` section of `backend: openrlhf`: causal LMs trained through OpenRLHF."""
+
+    pretrain: str = Field(..., description="the SFT reference: a model folder, a hub id, or stage:NAME (an sft stage's model)")
+    trust_remote_code: bool = Field(False, description="run a model repository's own code when loading it")
+    beta: float = Field(0.1, description="DPO beta: strength of the KL penalty to the reference (paper: 0.1)")
+    label_smoothing: float = Field(0.0, description="conservative DPO epsilon (OpenRLHF's name): assumed label-flip "
+                                                    "probability; 0: plain DPO")
     nll_loss_coef: float = Field(0.0, ge=0.0, description=(
         "OpenRLHF's nll_loss_coef: adds coef * per-token NLL of each comparison's top response to "
         "the (weighted) DPO loss, which keeps type policies near the reference's likelihood scale; "
         "a training regulariser only: the E-step and EM's monotonicity guard use the pure likelihood"))
-    max_len: int = 512
-    eval_batch_size: int = 16
-    lora: LoraSpec = LoraSpec()
-    train: TrainSpec = TrainSpec()
-    ds: DSSpec = DSSpec()
-    generation: GenerationSpec = GenerationSpec()
+    max_len: int = Field(512, description="tokens of prompt + response; longer responses are truncated (paper: 512)")
+    eval_batch_size: int = Field(16, description="comparisons per scoring batch (reference, E-step); sequences per sampling batch")
+    lora: LoraSpec = Field(LoraSpec(), description="LoRA adapters (rank 0: full fine-tuning)")
+    train: TrainSpec = Field(TrainSpec(), description="optimisation of each fit")
+    ds: DSSpec = Field(DSSpec(), description="DeepSpeed and model loading")
+    generation: GenerationSpec = Field(GenerationSpec(), description="sampling for the regret matrix and oracle regret")
 
 
 @dataclass
@@ -172,10 +190,16 @@ class OpenRLHFBackend:
 
             openrlhf_compat.TORCH_ADAM = self.cfg.ds.torch_adam
         self.pretrain = resolve_pretrain(self.cfg.pretrain, self.run_dir)
-        self._tokens: dict[tuple[str, str], Any] = {}
-        self._ref_cache: dict[str, np.ndarray] | None = None
+        self._tokens: dict[tuple[str, str], Any] = {}  # by text: one tokenizer per backend
         self.stats: dict[str, float] = {"ref_rows_computed": 0, "ref_rows_cached": 0, "ref_seconds": 0.0}
         self._build()
+        # what the reference's scores depend on: the model (a `stage:` model: that stage's
+        # fingerprint), and how sequences are cut and computed
+        self.reference_identity = {"model": model_identity(self.cfg.pretrain, self.pretrain, self.run_dir),
+                                   "max_len": self.cfg.max_len, "dtype": self.args.ds.param_dtype,
+                                   "attn": self.cfg.ds.attn_implementation}
+        self.ref_cache = ReferenceCache(cache_file(self.run_dir, self.reference_identity))
+        self.stats: dict[str, float] = {"ref_rows_computed": 0, "ref_rows_cached": 0, "ref_seconds": 0.0}
 
     # --- set-up -----------------------------------------------------------------------------
     def _build(self) -> None:
@@ -336,36 +360,18 @@ class OpenRLHFBackend:
         self._activate(policy)
         return self._score_active(prompts, responses, "score")
 
-    def _cache_file(self) -> Path | None:
-        if self.run_dir is None:
-            return None
-        key = hashlib.sha256(json.dumps([self.pretrain, self.cfg.max_len, self.args.ds.param_dtype]).encode()).hexdigest()[:16]
-        return self.run_dir / "cache" / f"ref_logps-{key}.npz"
-
     def ref_score(self, data: ComparisonSet) -> np.ndarray:
-        """Reference log-probs, computed once per comparison id and kept on disk."""
-        if self._ref_cache is None:
-            f = self._cache_file()
-            self._ref_cache = dict(np.load(f, allow_pickle=False)) if f is not None and f.exists() else {}
-        missing = [i for i, cid in enumerate(data.comparison_ids) if cid not in self._ref_cache]
-        self.stats["ref_rows_cached"] += len(data) - len(missing)
-        if missing:
-            t = time.perf_counter()
-            scores = self.score(None, [data.prompts[i] for i in missing], [data.responses[i] for i in missing])
-            for row, i in enumerate(missing):
-                self._ref_cache[data.comparison_ids[i]] = scores[row, : len(data.responses[i])]
-            self.stats["ref_rows_computed"] += len(missing)
+        """Reference log-probs, computed once per (prompt, responses) and kept on disk (`ref_cache`)."""
+        t = time.perf_counter()
+
+        def compute(rows: list[int]) -> np.ndarray:
+            return self.score(None, [data.prompts[i] for i in rows], [data.responses[i] for i in rows])
+
+        out, computed = self.ref_cache.scores(data, compute, write=dist.is_driver())  # under a launcher rank 0 writes
+        self.stats["ref_rows_cached"] += len(data) - computed
+        if computed:
+            self.stats["ref_rows_computed"] += computed
             self.stats["ref_seconds"] += time.perf_counter() - t
-            f = self._cache_file()
-            if f is not None and dist.is_driver():  # under a launcher rank 0 alone writes
-                f.parent.mkdir(parents=True, exist_ok=True)
-                tmp = f.with_suffix(".tmp.npz")
-                np.savez(tmp, **self._ref_cache)
-                tmp.replace(f)
-        out = np.full((len(data), data.max_responses), np.nan)
-        for i, cid in enumerate(data.comparison_ids):
-            v = self._ref_cache[cid]
-            out[i, : len(v)] = v
         return out
 
     # --- policies -------------------------------------------------------------------------

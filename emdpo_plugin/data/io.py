@@ -15,9 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from emdpo_plugin import safe_json
 from emdpo_plugin.data.keys import DataKeys
-from emdpo_plugin.data.manifest import check_disjoint_prompts, check_manifest, read_manifest, write_manifest
-from emdpo_plugin.data.rows import KNOWN_FIELDS, common_text_format, parse_row, parse_rows
+from emdpo_plugin.data.manifest import (
+    check_disjoint_prompts,
+    check_manifest,
+    content_hash,
+    read_manifest,
+    write_manifest,
+)
+from emdpo_plugin.data.rows import KNOWN_FIELDS, check_ids_across_splits, common_text_format, parse_row, parse_rows
 from emdpo_plugin.data.schema import SPLITS, Comparison, ComparisonSet
 from emdpo_plugin.errors import DataError
 
@@ -38,32 +45,53 @@ _PARQUET_BATCH = 4096
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, decoded value); blank lines are not rows and are skipped."""
-    with path.open("r", encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
+    """(line number, decoded value); blank lines are not rows and are skipped. Each line must be
+    UTF-8 and strict JSON (`safe_json.loads`: finite numbers, unique keys, bounded depth)."""
+    with path.open("rb") as fh:
+        for number, data in enumerate(fh, start=1):
+            if not data.strip():
                 continue
             try:
-                yield number, json.loads(line)
+                line = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}: line {number}: invalid UTF-8: byte 0x{data[exc.start]:02x} "
+                                f"at column {exc.start + 1}") from None
+            try:
+                yield number, safe_json.loads(line)
             except json.JSONDecodeError as exc:
                 hint = ""
                 if number == 1 and line.lstrip().startswith("["):
                     hint = " (expected one JSON object per line, not a JSON array)"
                 raise DataError(f"{path}: row {number}: invalid JSON: {exc.msg} at column {exc.colno}{hint}") from None
+            except safe_json.JsonInputError as exc:
+                raise DataError(f"{path}: row {number}: {exc}") from None
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         pf = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises several types for corrupt files
-        raise DataError(f"{path}: cannot read parquet file: {exc}") from None
+        raise DataError(f"{path}: cannot read parquet file: {_first_line(exc)}") from None
     number = 0
-    for batch in pf.iter_batches(batch_size=_PARQUET_BATCH):
-        for record in batch.to_pylist():
+    batches = pf.iter_batches(batch_size=_PARQUET_BATCH)
+    while True:
+        try:  # a damaged page fails only when it is read
+            batch = next(batches, None)
+            records = batch.to_pylist() if batch is not None else None
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise DataError(f"{path}: cannot read parquet file at row {number + 1}: {_first_line(exc)}") from None
+        if records is None:
+            return
+        for record in records:
             number += 1
             yield number, record
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -98,6 +126,13 @@ def _load_hf(path: Path, split: str | None) -> tuple[str, Any]:
     return str(path), obj
 
 
+def require_rows(source: str, rows: list[Comparison]) -> list[Comparison]:
+    """`rows`, or a DataError: training data without rows is a mistake, not an empty dataset."""
+    if not rows:
+        raise DataError(f"{source}: no comparisons (it holds no rows)")
+    return rows
+
+
 def _check_exists(path: Path) -> None:
     if not path.exists():
         raise DataError(f"{path}: no such file or folder (supported: {SUPPORTED_FORMATS})")
@@ -113,11 +148,13 @@ def _select_split(rows: list[Comparison], source: str, split: str) -> list[Compa
     return kept
 
 
-def read_comparisons(path: str | Path, *, split: str | None = None, keys: DataKeys | None = None) -> list[Comparison]:
+def read_comparisons(path: str | Path, *, split: str | None = None, keys: DataKeys | None = None,
+                     allow_empty: bool = False) -> list[Comparison]:
     """Read and validate one comparison file or HF datasets folder; `keys` maps its columns.
 
     For an HF DatasetDict, `split` picks the sub-dataset (required). For any other source,
     `split` keeps only rows whose `split` field equals it, and it is an error if none do.
+    A source without rows is an error unless `allow_empty` (a dataset folder's val/test file).
     """
     path = Path(path)
     _check_exists(path)
@@ -129,6 +166,8 @@ def read_comparisons(path: str | Path, *, split: str | None = None, keys: DataKe
             )
         source, ds = _load_hf(path, split)
         rows = parse_rows(source, iter_hf(ds), keys)
+        if not allow_empty:
+            require_rows(source, rows)
         is_dict_split = source != str(path)
         return rows if split is None or is_dict_split else _select_split(rows, source, split)
     suffix = path.suffix.lower()
@@ -138,6 +177,8 @@ def read_comparisons(path: str | Path, *, split: str | None = None, keys: DataKe
         rows = parse_rows(str(path), _iter_parquet(path), keys)
     else:
         raise DataError(f"{path}: unsupported file type {suffix or '(no extension)'!r}; supported: {SUPPORTED_FORMATS}")
+    if not allow_empty:
+        require_rows(str(path), rows)
     return rows if split is None else _select_split(rows, str(path), split)
 
 
@@ -272,6 +313,14 @@ class DatasetDir:
         """`chat_template` (message-list prompts) or `plain`; every split agrees (checked on load)."""
         return self.train.text_format
 
+    @property
+    def content_hash(self) -> str:
+        """The rows' identity: the manifest's content hash (checked against the files on load), or
+        computed when the folder has no manifest. What every artifact built from the data keys on."""
+        if self.manifest.get("content_hash"):
+            return self.manifest["content_hash"]
+        return content_hash(self.train.rows, self.test.rows if self.test else None, self.val.rows if self.val else None)
+
 
 def find_split_file(folder: Path, split: str) -> Path | None:
     """The one data file for `split` (train/val/test) in a dataset folder, if any."""
@@ -282,8 +331,9 @@ def find_split_file(folder: Path, split: str) -> Path | None:
 
 
 def read_split_file(path: Path, split: str, keys: DataKeys | None = None) -> list[Comparison]:
-    """Rows of a train/val/test file; a row's own `split` field, if set, must agree."""
-    rows = read_comparisons(path, keys=keys)
+    """Rows of a train/val/test file; a row's own `split` field, if set, must agree. Only a
+    train file must hold rows (builders may write an empty test or val split)."""
+    rows = read_comparisons(path, keys=keys, allow_empty=split != "train")
     for number, row in enumerate(rows, start=1):
         if row.split is not None and row.split != split:
             raise DataError(
@@ -317,6 +367,8 @@ def load_dataset_dir(path: str | Path) -> DatasetDir:
     val = read_split_file(val_file, "val") if val_file is not None else None
     common_text_format({f.name: r for f, r in ((train_file, train), (val_file, val), (test_file, test))
                         if f is not None and r is not None})
+    check_ids_across_splits({s: (str(f), r) for s, f, r in (("train", train_file, train), ("val", val_file, val),
+                                                             ("test", test_file, test)) if f is not None and r is not None})
     manifest = read_manifest(folder) if (folder / "manifest.json").is_file() else {}
     if manifest:
         check_manifest(folder / "manifest.json", manifest, train, test, val)

@@ -7,7 +7,7 @@ written afterwards (dataset folders) uses the canonical names.
 
 from __future__ import annotations
 
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
 from ..config import StrictModel
 from ..errors import DataError
@@ -22,13 +22,13 @@ FIELDS = {
 class DataKeys(StrictModel):
     """Source column for each canonical field; unset fields keep their canonical name."""
 
-    prompt: str | None = None
-    chosen: str | None = None
-    rejected: str | None = None
-    responses: str | None = None
-    ranking: str | None = None
-    annotator: str | None = None
-    group: str | None = None
+    prompt: str | None = Field(None, description="column of the prompt (text or chat message list)")
+    chosen: str | None = Field(None, description="column of the preferred response (pairwise rows)")
+    rejected: str | None = Field(None, description="column of the other response (pairwise rows)")
+    responses: str | None = Field(None, description="column of the response list (ranked rows)")
+    ranking: str | None = Field(None, description="column of the ranking: response indices, best first")
+    annotator: str | None = Field(None, description="column of the annotator id (annotator_id)")
+    group: str | None = Field(None, description="column of the ground-truth group (used only by evaluation)")
 
     def column_map(self) -> dict[str, str]:
         """source column -> canonical field, for the keys that are set (and differ)."""

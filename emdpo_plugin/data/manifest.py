@@ -11,12 +11,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from emdpo_plugin import __version__
+from emdpo_plugin import __version__, safe_json
 from emdpo_plugin.data.rows import common_text_format
 from emdpo_plugin.data.schema import FORMAT_VERSION, SPLITS, Comparison
 from emdpo_plugin.errors import DataError
+from emdpo_plugin.textfile import read_text
 
 MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 64 << 20
 _RESERVED = ("format", "builder", "counts", "labels", "content_hash", "created_by", "disjoint_prompts", "text_format")
 
 
@@ -123,9 +125,13 @@ def read_manifest(folder: str | Path) -> dict:
     if not path.is_file():
         raise DataError(f"{path}: no such file (a dataset folder needs {MANIFEST_NAME})")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = safe_json.loads(read_text(path, max_bytes=MAX_MANIFEST_BYTES, error=DataError), allow_nan=True)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except safe_json.JsonInputError as exc:
+        raise DataError(f"{path}: {exc}") from None
     if not isinstance(manifest, dict):
         raise DataError(f"{path}: expected a JSON object, found {type(manifest).__name__}")
     return manifest

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 from ..errors import DataError
+from ..safe_json import MAX_DEPTH, depth_exceeds
 from .chat import CHAT, PLAIN, ChatMessages, parse_messages, text_format_of
 from .keys import FIELDS_BY, DataKeys
 from .schema import Comparison, comparison_hash
@@ -183,8 +184,11 @@ def _parse_meta(row: dict, at: At) -> dict[str, Any]:
         meta[key] = value
     for key, value in meta.items():
         try:
-            json.dumps(value)
-        except (TypeError, ValueError):
+            json.dumps(value, allow_nan=False)
+        except ValueError:
+            raise _fail(at, key, f"extra column kept as metadata: expected finite numbers (JSON has no NaN or "
+                                 f"infinity; use null), found {_kind(value)}") from None
+        except TypeError:
             raise _fail(at, key, f"extra column kept as metadata: expected a JSON value, found {_kind(value)}") from None
     return meta
 
@@ -213,6 +217,8 @@ def parse_row(row: Any, at: At | str, columns: Mapping[str, str] | None = None) 
     at = At(at) if isinstance(at, str) else at
     if not isinstance(row, dict):
         raise DataError(f"{at.where}: expected a JSON object, found {_kind(row)}")
+    if depth_exceeds(row, MAX_DEPTH):
+        raise DataError(f"{at.where}: nests deeper than {MAX_DEPTH} levels")
     row = _canonical(row, at, columns or {})
     annotator_id = _scalar_id(row, "annotator_id", at)
     if "prompt" not in row:
@@ -274,3 +280,20 @@ def common_text_format(files: Mapping[str, list[Comparison]]) -> str:
             raise DataError(f"{name}: row 1: field 'prompt': expected {want} like the prompts of {first[1]} "
                             "(every split of a dataset has one text format)")
     return first[0] if first else PLAIN
+
+
+def check_ids_across_splits(splits: Mapping[str, tuple[str, list[Comparison]]]) -> None:
+    """Refuse a comparison id used in two splits (split -> (file or source label, rows)).
+
+    Ids name rows in per-row results (`eval/per_row.py`) and in messages; one id in train and
+    test would make a held-out row indistinguishable from a training row there (and positional
+    ids from a builder that forgot the split prefix collide exactly so). One line naming the id,
+    both splits and both rows."""
+    seen: dict[str, tuple[str, str, int]] = {}
+    for split, (label, rows) in splits.items():
+        for number, row in enumerate(rows, start=1):
+            other, other_label, other_row = seen.setdefault(row.comparison_id, (split, label, number))
+            if other != split:  # a repeat within one file is parse_rows' error
+                raise DataError(f"{label}: row {number}: field 'comparison_id': {row.comparison_id!r} is also row "
+                                f"{other_row} of {other_label} (splits {other} and {split}); a comparison id must "
+                                "be unique across train/val/test")

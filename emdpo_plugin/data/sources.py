@@ -19,6 +19,7 @@ from typing import Any
 from ..errors import DataError
 from . import io
 from .keys import DataKeys
+from .rows import check_ids_across_splits
 from .schema import Comparison
 
 HF_SPLITS = {"train": "train", "validation": "val", "val": "val", "test": "test"}
@@ -39,7 +40,7 @@ def _hf_splits(name: str, obj: Any, keys: DataKeys | None) -> Splits:
     import datasets
 
     if not isinstance(obj, datasets.DatasetDict):
-        return {"train": (name, io.parse_rows(name, io.iter_hf(obj), keys))}
+        return {"train": (name, io.require_rows(name, io.parse_rows(name, io.iter_hf(obj), keys)))}
     unknown = sorted(set(obj) - set(HF_SPLITS))
     if unknown or "train" not in obj:
         raise DataError(f"{name}: holds splits [{', '.join(sorted(obj))}]; expected train (required), "
@@ -49,7 +50,8 @@ def _hf_splits(name: str, obj: Any, keys: DataKeys | None) -> Splits:
     out: Splits = {}
     for split, ds in obj.items():
         label = f"{name}[{split}]"
-        out[HF_SPLITS[split]] = (label, io.parse_rows(label, io.iter_hf(ds), keys))
+        rows = io.parse_rows(label, io.iter_hf(ds), keys)
+        out[HF_SPLITS[split]] = (label, io.require_rows(label, rows) if split == "train" else rows)
     return out
 
 
@@ -82,14 +84,18 @@ def read_hf(path: str | Path, keys: DataKeys | None = None) -> Splits:
 
 
 def read_source(path: str, keys: DataKeys | None = None) -> Splits:
-    """Every split of a user data source (see the module docstring); train is always there."""
+    """Every split of a user data source (see the module docstring); train is always there, and
+    no comparison id is in two splits."""
     local = Path(path).expanduser()
     if is_hub_id(path) or io.is_hf_folder(local):
-        return read_hf(path, keys)
-    if local.is_dir():
+        splits = read_hf(path, keys)
+    elif local.is_dir():
         files = {s: io.find_split_file(local, s) for s in io.SPLITS}
         if files["train"] is None:
             raise DataError(f"{local}: no train.jsonl or train.parquet, and not an HF datasets folder; "
                             f"supported: {io.SUPPORTED_FORMATS}")
-        return {s: (f.name, io.read_split_file(f, s, keys)) for s, f in files.items() if f is not None}
-    return {"train": (local.name, io.read_comparisons(local, keys=keys))}
+        splits = {s: (f.name, io.read_split_file(f, s, keys)) for s, f in files.items() if f is not None}
+    else:
+        splits = {"train": (local.name, io.read_comparisons(local, keys=keys))}
+    check_ids_across_splits({s: splits[s] for s in io.SPLITS if s in splits})
+    return splits

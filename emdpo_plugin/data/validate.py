@@ -19,7 +19,7 @@ from emdpo_plugin.data.manifest import (
     read_manifest,
     shared_prompts,
 )
-from emdpo_plugin.data.rows import common_text_format
+from emdpo_plugin.data.rows import check_ids_across_splits, common_text_format
 from emdpo_plugin.data.schema import Comparison
 from emdpo_plugin.errors import DataError
 
@@ -102,6 +102,7 @@ def _validate_splits(path: Path, splits: sources.Splits) -> ValidationReport:
     if "val" in splits and "test" in splits:
         report.shared_prompts["val/test"] = shared_prompts(splits["val"][1], splits["test"][1])[0]
     report.text_format = common_text_format(dict(splits.values()))
+    check_ids_across_splits({s: splits[s] for s in io.SPLITS if s in splits})
     return _finish(report, [r for _, rows in splits.values() for r in rows])
 
 

@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from ..backends.openrlhf_compat import apply_cpu_compat
+from ..backends.ref_cache import ReferenceCache
 from ..data.schema import ComparisonSet
 from ..errors import EmdpoError
 from .base import ExecutorConfig, FitJob, loglik_rows
@@ -116,10 +117,10 @@ def _refresh_reference_cache(backend: Any, data: ComparisonSet) -> None:
     The driver scores the reference for every dataset before shipping a fit (`fit_many`), so the
     cache file under the run directory is complete. An `openrlhf` backend loads that file once
     and would otherwise compute missing rows itself, in every actor at once, all writing the same
-    file. (Reads the backend's private `_ref_cache`; backends without one are left alone.)"""
-    cache = getattr(backend, "_ref_cache", None)
-    if isinstance(cache, dict) and any(cid not in cache for cid in data.comparison_ids):
-        backend._ref_cache = None
+    file. (Backends without a `ref_cache` are left alone.)"""
+    cache = getattr(backend, "ref_cache", None)
+    if isinstance(cache, ReferenceCache):
+        cache.reload_if_incomplete(data)
 
 
 RemoteTypeWorker = ray.remote(TypeWorker)

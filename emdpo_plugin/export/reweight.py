@@ -9,7 +9,10 @@ new priority vector only re-runs the solver. The result is a self-contained serv
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +28,17 @@ def _load_game(stage_dir: Path) -> np.ndarray:
     path = stage_dir / "game.npz"
     if not path.exists():
         raise EmdpoError(f"{stage_dir}: no game.npz; expected the folder of a finished minmax_ensemble stage")
-    with np.load(path) as game:
-        if "L" not in game:
-            raise EmdpoError(f"{path}: no array 'L' (the regret matrix estimate)")
-        L = np.asarray(game["L"], dtype=np.float64)
+    try:
+        with np.load(path, allow_pickle=False) as game:
+            if "L" not in game:
+                raise EmdpoError(f"{path}: no array 'L' (the regret matrix estimate)")
+            L = np.asarray(game["L"], dtype=np.float64)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise EmdpoError(f"{path}: cannot read: {type(exc).__name__}: {exc}") from None
     if L.ndim != 2 or L.shape[0] != L.shape[1]:
         raise EmdpoError(f"{path}: L has shape {L.shape}; expected a square K x K matrix")
+    if not np.isfinite(L).all():
+        raise EmdpoError(f"{path}: L holds non-finite values")
     return L
 
 
@@ -43,7 +51,7 @@ def reexport(stage_dir: str | Path, out_dir: str | Path, priority: list[float], 
     K = L.shape[0]
     if len(source.adapters) != K:
         raise EmdpoError(f"{stage_dir}: routing.yaml has {len(source.adapters)} adapters but L is {K} x {K}")
-    if len(priority) != K or any(c <= 0 for c in priority):
+    if len(priority) != K or not all(math.isfinite(c) and c > 0 for c in priority):
         raise EmdpoError(f"--priority: expected {K} positive numbers (one per type, in the order "
                          f"{[a.name for a in source.adapters]}), got {priority}")
     if out_dir.resolve() == stage_dir.resolve():

@@ -7,31 +7,54 @@ folder, so the folder can be copied to a serving host as one unit.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ..config import StrictModel, format_validation_error
-from ..errors import EmdpoError, yaml_error_text
+from ..errors import EmdpoError
+from ..safe_yaml import read_yaml
 
 FORMAT = "emdpo-routing/v1"
+ENSEMBLE = "ensemble"  # the router's model name for the mixture
+# Names become vLLM arguments (`--lora-modules NAME=PATH`, `--served-model-name NAME`) and folder
+# names: a leading '-' would read as a flag, a leading '.' could name '..'.
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 class AdapterEntry(StrictModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str
     path: str
     weight: float = Field(ge=0.0)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.fullmatch(v):
+            raise ValueError(f"{v!r}: expected letters, digits, '_', '.', '-', starting with a letter, digit or '_' "
+                             "(a leading '-' reads as a command-line flag, a leading '.' can name '..')")
+        if v == ENSEMBLE:
+            raise ValueError(f"{v!r} is the router's name for the whole mixture; choose another")
+        return v
 
 
 class RoutingConfig(StrictModel):
     format: str = FORMAT
     base_model: str
-    policy: str = "mixture"
-    adapter_type: str = "lora"  # lora: PEFT adapter folders; full: complete model folders
+    policy: Literal["mixture"] = "mixture"
+    adapter_type: Literal["lora", "full"] = "lora"  # lora: PEFT adapter folders; full: complete model folders
     adapters: list[AdapterEntry]
     meta: dict[str, Any] = {}
+
+    @field_validator("base_model")
+    @classmethod
+    def _base_model(cls, v: str) -> str:
+        if not v.strip() or v.startswith("-"):
+            raise ValueError(f"{v!r}: expected a model path or hub id (a leading '-' reads as a command-line flag)")
+        return v
 
     @field_validator("format")
     @classmethod
@@ -71,12 +94,7 @@ def write_routing(path: Path, config: RoutingConfig) -> Path:
 def load_routing(path: str | Path) -> RoutingConfig:
     """Load and validate; adapter folders must exist inside the config's folder."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise EmdpoError(f"{path}: no such routing config") from None
-    except yaml.YAMLError as exc:
-        raise EmdpoError(f"{path}: {yaml_error_text(exc)}") from None
+    raw = read_yaml(path, what="routing config")
     try:
         cfg = RoutingConfig.model_validate(raw)
     except ValidationError as exc:

@@ -13,9 +13,11 @@ Each training text is ``text + " " + eos`` -- the same ending OpenRLHF's ``Rewar
 appends to DPO responses -- and no BOS is prepended (OpenRLHF tokenizes with
 ``add_special_tokens=False``), so the SFT model matches how DPO will score responses.
 
-The build is idempotent: ``out_dir`` is assembled in a temporary sibling folder whose last
-file is :data:`MARKER` (JSON: config, losses, timings); the folder is then renamed into place.
-An ``out_dir`` holding the marker is returned as is.
+The build is keyed, not merely idempotent: ``out_dir`` is assembled in a temporary sibling
+folder whose last file is :data:`MARKER` (JSON: config, the build's ``key``, losses, timings);
+the folder is then renamed into place. An ``out_dir`` whose marker holds the same key (the same
+config, seed and texts) is returned as is; one built from anything else is rebuilt and replaced,
+never served for the new arguments.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
-__all__ = ["build_tiny_lm", "is_built", "read_build_info", "demo_sentences", "MARKER",
+__all__ = ["build_tiny_lm", "build_key", "is_built", "read_build_info", "demo_sentences", "MARKER",
            "PAD_TOKEN", "BOS_TOKEN", "EOS_TOKEN"]
 
 MARKER = "emdpo_tiny_lm.json"
@@ -49,6 +51,16 @@ CHAT_TEMPLATE = (
 def is_built(out_dir: Path | str) -> bool:
     """True when ``out_dir`` holds a finished tiny LM (its marker file exists)."""
     return (Path(out_dir) / MARKER).is_file()
+
+
+def build_key(texts: Sequence[str], config: dict[str, Any]) -> str:
+    """Identity of a build: its config (sizes, steps, lr, seed) and the sha256 of its texts."""
+    import hashlib
+
+    from ..fingerprint import digest
+
+    texts_sha = hashlib.sha256("\0".join(texts).encode("utf-8")).hexdigest()
+    return digest({"config": config, "texts_sha256": texts_sha}, length=32)
 
 
 def read_build_info(out_dir: Path | str) -> dict[str, Any]:
@@ -154,23 +166,25 @@ def build_tiny_lm(
     fp32, ZeRO 0. Deterministic for a given ``seed`` and thread count (bit-identical
     weights across runs, measured). ``vocab_size`` is an upper bound: BPE stops merging when
     pairs occurring at least twice run out (200 templated sentences give about 490 tokens).
-    An ``out_dir`` that already holds a finished model is returned unchanged, whatever the
-    arguments; a non-empty ``out_dir`` without one raises ``FileExistsError``.
+    An ``out_dir`` holding a model built from the same arguments and texts (:func:`build_key`) is
+    returned unchanged; one built from others is rebuilt and swapped in; a non-empty ``out_dir``
+    without a marker raises ``FileExistsError``.
     Side effects: runs OpenRLHF's ``setup_distributed`` in this process (a 1-process gloo
     group stays initialised, and ``transformers.set_seed(seed)`` reseeds the global RNGs).
     """
     out_dir = Path(out_dir)
-    if is_built(out_dir):
-        return out_dir
-    if not texts:
-        raise ValueError("build_tiny_lm needs at least one text")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} exists, is not empty and holds no finished tiny LM ({MARKER}); "
-                              "remove it or choose another folder")
     texts = [str(t).strip() for t in texts if str(t).strip()]
     config = dict(vocab_size=vocab_size, hidden_size=hidden_size, layers=layers, heads=heads,
                   max_position=max_position, sft_steps=sft_steps, batch_size=batch_size, lr=lr, seed=seed,
                   n_texts=len(texts))
+    key = build_key(texts, config)
+    if is_built(out_dir) and read_build_info(out_dir).get("key") == key:
+        return out_dir
+    if not texts:
+        raise ValueError("build_tiny_lm needs at least one text")
+    if out_dir.exists() and any(out_dir.iterdir()) and not is_built(out_dir):
+        raise FileExistsError(f"{out_dir} exists, is not empty and holds no finished tiny LM ({MARKER}); "
+                              "remove it or choose another folder")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}"
@@ -209,20 +223,31 @@ def build_tiny_lm(
                 shutil.move(str(p), str(tmp / p.name))
             final.rmdir()
             timings["save"] = time.perf_counter() - t0
-            (tmp / MARKER).write_text(json.dumps(
-                {"format": "emdpo-tiny-lm/v1", "config": config, "sft": sft, "timings_s": timings}, indent=2))
+            (tmp / MARKER).write_text(json.dumps({"format": "emdpo-tiny-lm/v1", "config": config, "key": key,
+                                                  "sft": sft, "timings_s": timings}, indent=2))
             bar.update()
-        try:
-            if out_dir.exists():
-                out_dir.rmdir()  # empty (checked above)
-            os.replace(tmp, out_dir)
-        except OSError:
-            if not is_built(out_dir):  # a concurrent build of the same folder may have won
-                raise
+        _swap_in(tmp, out_dir, key)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _swap_in(tmp: Path, out_dir: Path, key: str) -> None:
+    """Rename the finished `tmp` to `out_dir`; a model built from other arguments is moved aside
+    first and deleted after (a kill in between leaves no `out_dir`: the next call builds)."""
+    stale = out_dir.parent / f".{out_dir.name}.stale-{os.getpid()}"
+    try:
+        if is_built(out_dir):
+            os.replace(out_dir, stale)
+        elif out_dir.exists():
+            out_dir.rmdir()  # empty (checked by the caller)
+        os.replace(tmp, out_dir)
+    except OSError:
+        if not (is_built(out_dir) and read_build_info(out_dir).get("key") == key):  # a concurrent build won
+            raise
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _init_model(tokenizer, init_dir: Path, *, hidden_size: int, layers: int, heads: int,

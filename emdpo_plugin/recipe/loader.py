@@ -2,33 +2,48 @@
 
 The loader only resolves structure; `schema.validate_recipe` checks trainers and configs.
 Errors name the file and the dotted key, on one line, so a user can fix them without a traceback.
+YAML is read with `safe_yaml` (bounded size, depth and alias expansion). `extends` may only
+name files in the recipe's own folder tree unless outside files are allowed explicitly
+(`--allow-extends-outside`, or EMDPO_ALLOW_EXTENDS_OUTSIDE=1).
 """
 
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any, Iterable
 
-import yaml
-
-from ..errors import RecipeError, yaml_error_text
+from ..errors import RecipeError
+from ..safe_yaml import load_yaml, read_yaml
 from .schema import Recipe
 
 TOP_LEVEL_KEYS = ("extends", *Recipe.model_fields)  # the schema decides; `extends` is resolved here
 STAGE_KEYS = ("name", "trainer", "inputs", "config", "drop")
 # Where `--set` may create missing intermediate mappings (the schema validates them after).
 _OPEN_SECTIONS = ("config", "model", "data", "logger")
+ALLOW_OUTSIDE_ENV = "EMDPO_ALLOW_EXTENDS_OUTSIDE"
 
 
-def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> dict[str, Any]:
+def extends_outside_allowed(flag: bool | None = None) -> bool:
+    """`flag` if given, else whether EMDPO_ALLOW_EXTENDS_OUTSIDE is set to 1/true/yes."""
+    if flag is not None:
+        return flag
+    return os.environ.get(ALLOW_OUTSIDE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def load_recipe(path: str | Path, overrides: Iterable[str] = (), *,
+                allow_extends_outside: bool | None = None) -> dict[str, Any]:
     """Load `path`, resolve its `extends` chain, fill defaults and apply `--set` overrides.
 
     Returns a plain dict with exactly the keys name, seed, output_dir (if set), executor (if
     set), model, data, stages; each stage has name, trainer (if set), inputs and config.
+    `allow_extends_outside` (default: the EMDPO_ALLOW_EXTENDS_OUTSIDE variable) lets `extends`
+    name absolute paths and files outside the recipe's folder tree.
     """
     path = Path(path)
-    recipe = _load_chain(path, ())
+    root = None if extends_outside_allowed(allow_extends_outside) else path.parent.resolve()
+    recipe = _load_chain(path, (), root)
     _fill_defaults(recipe, path)
     for override in overrides:
         _apply_override(recipe, override, path)
@@ -40,23 +55,14 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> dict[str, An
 
 
 def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
-    where = f"{chain[-1]}: extends" if chain else str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RecipeError(f"{where}: recipe file not found: {path}") from None
-    except OSError as exc:
-        raise RecipeError(f"{where}: cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: {yaml_error_text(exc)}") from None
+    where = f"{chain[-1]}: extends" if chain else None
+    raw = read_yaml(path, RecipeError, what="recipe file", where=where)
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: expected a mapping at the top level, got {_kind(raw)}")
     return raw
 
 
-def _load_chain(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+def _load_chain(path: Path, chain: tuple[Path, ...], root: Path | None) -> dict[str, Any]:
     resolved = path.resolve()
     if resolved in chain:
         cycle = " -> ".join(str(p) for p in (*chain, resolved))
@@ -66,9 +72,21 @@ def _load_chain(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     parent_ref = raw.pop("extends", None)
     if parent_ref is None:
         return _merge_recipes({}, raw, path)
-    parent_path = path.parent / parent_ref
-    parent = _load_chain(parent_path, (*chain, resolved))
+    parent = _load_chain(_extends_target(path, parent_ref, root), (*chain, resolved), root)
     return _merge_recipes(parent, raw, path)
+
+
+def _extends_target(path: Path, ref: str, root: Path | None) -> Path:
+    """`ref` relative to `path`'s folder; with a `root`, it must stay inside it (symlinks resolved)."""
+    target = path.parent / ref
+    if root is None:
+        return target
+    allow = f"pass --allow-extends-outside (or set {ALLOW_OUTSIDE_ENV}=1) to allow it"
+    if Path(ref).is_absolute():
+        raise RecipeError(f"{path}: extends: {ref!r} is an absolute path; {allow}")
+    if not target.resolve().is_relative_to(root):
+        raise RecipeError(f"{path}: extends: {ref!r} is outside the recipe's folder {root}; {allow}")
+    return target
 
 
 def _check_file(raw: dict[str, Any], path: Path) -> None:
@@ -189,7 +207,7 @@ def _check_resolved(recipe: dict[str, Any], path: Path) -> None:
 
 
 def parse_override(text: str, path: Path | str = "<recipe>") -> tuple[list[str], Any]:
-    """`a.b=c` -> (['a', 'b'], yaml.safe_load('c')); so `3`, `0.1`, `true`, `[1,4]` are typed."""
+    """`a.b=c` -> (['a', 'b'], load_yaml('c')); so `3`, `0.1`, `true`, `[1,4]` are typed."""
     key, sep, value_text = text.partition("=")
     key = key.strip()
     if not sep or not key:
@@ -197,11 +215,10 @@ def parse_override(text: str, path: Path | str = "<recipe>") -> tuple[list[str],
     parts = key.split(".")
     if any(not p for p in parts):
         raise RecipeError(f"{path}: --set {key}: empty segment in dotted key")
-    try:
-        value = yaml.safe_load(value_text) if value_text.strip() else ""
-    except yaml.YAMLError as exc:
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise RecipeError(f"{path}: --set {key}: cannot parse value {value_text!r}: {problem}") from None
+    if not value_text.strip():
+        return parts, ""
+    shown = value_text if len(value_text) <= 60 else value_text[:57] + "..."
+    value = load_yaml(value_text, f"{path}: --set {key}: value {shown!r}", RecipeError)
     return parts, value
 
 

@@ -23,9 +23,12 @@ LOCK_FILE = ".lock"
 def run_lock(run_dir: str | Path) -> Iterator[Path]:
     """Hold `<run_dir>/.lock` (creating the folder) or fail at once naming the holder's pid."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:  # --output-dir names a file, or a folder we may not write
+        raise EmdpoError(f"{run_dir}: cannot use as the run folder: {exc.strerror or exc}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

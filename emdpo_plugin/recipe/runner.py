@@ -1,9 +1,10 @@
 """Stage runner: runs a validated `Plan` in order, recording each stage in run.json.
 
-Resume rule: stages already done with an unchanged config hash are skipped, up to the first
-changed or unfinished stage; that one and everything after it re-run, because later stages
-consume earlier outputs. A stage is done only once its validated outputs are in run.json, and
-its folder is emptied (but for its resume state) before it runs again (`stage_dir`).
+Resume rule (`reuse`): a done stage is skipped while its key is unchanged: its config, the
+run-wide seed, model and data sections, what it reads from outside the run, and the output
+fingerprints of the stages it depends on. So exactly the stages downstream of a change re-run.
+A stage is done only once its validated outputs are in run.json, and its folder is emptied (but
+for its resume state) before it runs again (`stage_dir`).
 """
 
 from __future__ import annotations
@@ -22,28 +23,17 @@ from ..artifacts import validate_outputs
 from ..backends.factory import default_backend_factory
 from ..errors import EmdpoError, RecipeError
 from ..executors import make_executor
+from ..fingerprint import output_fingerprint
 from ..trainers.base import StageContext
 from .lock import run_lock
-from .schema import Plan, PlannedStage
+from .reuse import reusable_stages, source_identity, stage_hash, upstream_of
+from .schema import Plan
 from .stage_dir import remove_write_leftovers, reset_stage_dir
-from .state import RunState, config_hash, save_resolved_recipe
+from .state import RunState, save_resolved_recipe
+
+__all__ = ["run_plan", "stage_hash", "default_backend_factory"]
 
 BackendFactory = Callable[[dict[str, Any], Path], Any]
-
-
-def stage_hash(plan: Plan, stage: PlannedStage) -> str:
-    """What decides whether a done stage can be reused: its trainer, config (with defaults) and
-    inputs, plus the run-wide settings every stage depends on (seed, model, data)."""
-    return config_hash(
-        {
-            "trainer": stage.spec.trainer,
-            "config": stage.config.model_dump(mode="json"),
-            "inputs": stage.spec.inputs,
-            "seed": plan.seed,
-            "model": plan.recipe.get("model") or {},
-            "data": plan.recipe.get("data") or {},
-        }
-    )
 
 
 def run_plan(
@@ -88,14 +78,10 @@ def _drive(plan: Plan, run_dir: Path, resume: bool, backend_factory: BackendFact
             "pass --resume to continue it, or choose another --output-dir"
         )
 
-    hashes = {ps.spec.name: stage_hash(plan, ps) for ps in plan.stages}
+    sources = {ps.spec.name: source_identity(ps, plan.recipe) for ps in plan.stages}
     reuse: set[str] = set()
     if resume and previous is not None:
-        for ps in plan.stages:
-            old = previous.stages.get(ps.spec.name) or {}
-            if old.get("status") != "done" or old.get("config_hash") != hashes[ps.spec.name]:
-                break
-            reuse.add(ps.spec.name)
+        reuse = reusable_stages(plan, previous, sources)
         state = previous
         state.data.update(recipe=plan.name, recipe_path=plan.source, seed=plan.seed)
     else:
@@ -104,7 +90,7 @@ def _drive(plan: Plan, run_dir: Path, resume: bool, backend_factory: BackendFact
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_write_leftovers(run_dir)
     save_resolved_recipe(run_dir, plan.recipe)
-    state.set_plan([(ps.spec.name, ps.spec.trainer, hashes[ps.spec.name]) for ps in plan.stages], keep=reuse)
+    state.set_plan([(ps.spec.name, ps.spec.trainer, None) for ps in plan.stages], keep=reuse)
 
     backend_cache: dict[str, Any] = {}
     state.data["executor"] = plan.executor.model_dump(mode="json")
@@ -128,7 +114,7 @@ def _drive(plan: Plan, run_dir: Path, resume: bool, backend_factory: BackendFact
                                    run_dir=run_dir) if logger.enabled else None
         tracking.set_active(tracker)
         try:
-            _run_stages(plan, state, reuse, run_dir, shared_backend, shared_executor, console)
+            _run_stages(plan, state, reuse, sources, run_dir, shared_backend, shared_executor, console)
         finally:
             tracking.set_active(None)
             if tracker is not None:
@@ -138,20 +124,23 @@ def _drive(plan: Plan, run_dir: Path, resume: bool, backend_factory: BackendFact
     return state.data
 
 
-def _run_stages(plan: Plan, state: RunState, reuse: set[str], run_dir: Path, shared_backend: Callable[[], Any],
-                shared_executor: Callable[[], Any], console: Console) -> None:
+def _run_stages(plan: Plan, state: RunState, reuse: set[str], sources: dict[str, Any], run_dir: Path,
+                shared_backend: Callable[[], Any], shared_executor: Callable[[], Any], console: Console) -> None:
     datasets: dict[str, Any] = {}  # dataset folders loaded once per run, shared by the stages that read them
+    fingerprints = {name: output_fingerprint(state.stages[name]) for name in reuse}
     for ps in plan.stages:
         name = ps.spec.name
         if name in reuse:
             _say(console, f"skip {escape(name)} (done)")
             continue
         inputs = {slot: dict(state.stages[src].get("outputs") or {}) for slot, src in ps.spec.inputs.items()}
+        key = stage_hash(plan, ps, {d: fingerprints[d] for d in upstream_of(plan, ps)}, sources[name])
         ctx = StageContext(
             run_dir=run_dir,
             stage_name=name,
             seed=plan.seed,
             recipe=copy.deepcopy(plan.recipe),
+            key=key,
             _backend_factory=shared_backend,
             _executor_factory=shared_executor,
             _datasets=datasets,
@@ -159,7 +148,7 @@ def _run_stages(plan: Plan, state: RunState, reuse: set[str], run_dir: Path, sha
         _say(console, f"[bold]start[/] {escape(name)} ({escape(ps.spec.trainer)})")
         if tracking.active() is not None:
             tracking.active().stage = name
-        state.mark_running(name)  # not done, so nothing reads its folder while it is rewritten
+        state.mark_running(name, key)  # not done, so nothing reads its folder while it is rewritten
         removed = reset_stage_dir(run_dir / name, getattr(ps.trainer, "resume_state", ()) or ())
         if removed:
             _say(console, f"  removed what an unfinished or earlier attempt left in {escape(name)}/: "
@@ -179,6 +168,7 @@ def _run_stages(plan: Plan, state: RunState, reuse: set[str], run_dir: Path, sha
             state.stages[name]["fit_timeline"] = ctx._executor.timeline[:]
             ctx._executor.timeline.clear()
         state.mark_done(name, outputs, seconds)
+        fingerprints[name] = state.stages[name]["fingerprint"]
         _say(console, f"[bold green]done[/] {escape(name)} in {runlog.duration(seconds)}")
 
 

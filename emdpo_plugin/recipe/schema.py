@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from .. import registry
 from ..artifacts import as_slot
@@ -32,10 +32,10 @@ class StageSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str
-    trainer: str
-    inputs: dict[str, str] = {}
-    config: dict[str, Any] = {}
+    name: str = Field(description="stage name: its folder in the run folder; inputs and --set refer to it")
+    trainer: str = Field(description="a registered trainer type or module:Class")
+    inputs: dict[str, str] = Field({}, description="input slot -> an earlier stage's name")
+    config: dict[str, Any] = Field({}, description="the trainer's config; unknown keys are errors")
 
 
 class Recipe(BaseModel):
@@ -43,14 +43,16 @@ class Recipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str
-    seed: StrictInt = 0
-    output_dir: str | None = None
-    model: dict[str, Any] = {}
-    data: dict[str, Any] = {}
-    executor: ExecutorConfig = ExecutorConfig()
-    logger: LoggerConfig = LoggerConfig()
-    stages: list[StageSpec]
+    name: str = Field(description="recipe name: recorded in run.json, the report's title and the tracker's run name")
+    seed: StrictInt = Field(0, description=(
+        "the run's seed: data, initialisation and sampling of every stage without its own seed; --seeds replaces it"))
+    output_dir: str | None = Field(None, description="run folder; --output-dir overrides it")
+    model: dict[str, Any] = Field({}, description=(
+        "the policy backend (backend: bandit | openrlhf, default bandit) and its config, checked by that backend"))
+    data: dict[str, Any] = Field({}, description="the data stage's config: builder + config, or path + keys")
+    executor: ExecutorConfig = Field(ExecutorConfig(), description="where the K type fits run: this process or Ray")
+    logger: LoggerConfig = Field(LoggerConfig(), description="TensorBoard / wandb tracking (OpenRLHF's logger keys); off by default")
+    stages: list[StageSpec] = Field(description="the stages in the order they run")
 
 
 class PlannedStage(NamedTuple):

@@ -23,37 +23,44 @@ from rich.markup import escape
 from ..errors import EmdpoError, RecipeError
 
 
+MAX_SEEDS = 1000
+MAX_SEED = 2**32 - 1  # numpy's bound
+
+
 def parse_seeds(text: str) -> list[int]:
-    """'0,1,2' (or '0-2') -> [0, 1, 2]; seeds are non-negative (numpy's rule); one-line errors."""
+    """'0,1,2' (or '0-2') -> [0, 1, 2]; seeds are 0..2**32-1 (numpy's rule), at most 1000; one-line errors."""
     seeds: list[int] = []
     for part in (p.strip() for p in str(text).split(",")):
-        if re.fullmatch(r"\d+", part):
-            seeds.append(int(part))
-        elif (m := re.fullmatch(r"(\d+)-(\d+)", part)) and int(m.group(1)) <= int(m.group(2)):
-            seeds += list(range(int(m.group(1)), int(m.group(2)) + 1))
-        else:
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        lo, hi = (int(m.group(1)), int(m.group(2) or m.group(1))) if m else (0, -1)
+        if lo > hi:
             raise RecipeError(f"--seeds: expected comma-separated non-negative integers such as 0,1,2 "
                               f"(or a range 0-2), got {part!r}")
+        if hi > MAX_SEED or len(seeds) + hi - lo + 1 > MAX_SEEDS:
+            raise RecipeError(f"--seeds: at most {MAX_SEEDS} seeds, each at most {MAX_SEED}; got {part!r}")
+        seeds += range(lo, hi + 1)
     dup = sorted({s for s in seeds if seeds.count(s) > 1})
     if dup:
         raise RecipeError(f"--seeds: seed {dup[0]} is listed twice")
     return seeds
 
 
-def seed_plans(recipe: str | Path, seeds: Sequence[int], overrides: Sequence[str]) -> list[Any]:
+def seed_plans(recipe: str | Path, seeds: Sequence[int], overrides: Sequence[str], *,
+               allow_extends_outside: bool | None = None) -> list[Any]:
     """One validated Plan per seed (all validated before anything runs)."""
     from .loader import load_recipe
     from .schema import validate_recipe
 
     plans = []
     for s in seeds:
-        raw = load_recipe(recipe, [*overrides, f"seed={s}"])
+        raw = load_recipe(recipe, [*overrides, f"seed={s}"], allow_extends_outside=allow_extends_outside)
         plans.append(validate_recipe(raw, source=str(recipe)))
     return plans
 
 
 def run_seeds(recipe: str | Path, seeds: Sequence[int], output_dir: str | Path, *, overrides: Sequence[str] = (),
-              resume: bool = False, console: Console | None = None, n_boot: int = 2000) -> Path:
+              resume: bool = False, console: Console | None = None, n_boot: int = 2000,
+              allow_extends_outside: bool | None = None) -> Path:
     """Run every seed into `output_dir/seed-<s>/`, then write `output_dir/summary/`; returns it."""
     from ..eval.summary import seed_dir, write_summary
     from .runner import run_plan
@@ -61,7 +68,7 @@ def run_seeds(recipe: str | Path, seeds: Sequence[int], output_dir: str | Path, 
 
     console = console or Console(highlight=False)
     root = Path(output_dir)
-    plans = seed_plans(recipe, seeds, overrides)
+    plans = seed_plans(recipe, seeds, overrides, allow_extends_outside=allow_extends_outside)
     if not resume:  # refuse before spending time on the first seed, not after it
         for s in seeds:
             prev = RunState.load(seed_dir(root, s))
@@ -92,21 +99,20 @@ def run_seeds(recipe: str | Path, seeds: Sequence[int], output_dir: str | Path, 
 
 def cmd_run_seeds(args: Any) -> int:
     """The `run --seeds` branch of the CLI (args as parsed by cli.add_run)."""
+    from .loader import load_recipe
+
     seeds = parse_seeds(args.seeds)
+    outside = getattr(args, "allow_extends_outside", None) or None
+    root = args.output_dir or load_recipe(args.recipe, args.overrides, allow_extends_outside=outside).get("output_dir")
     if args.dry_run:
-        from .loader import load_recipe
         from .schema import format_plan
 
-        plans = seed_plans(args.recipe, seeds, args.overrides)
-        root = args.output_dir or load_recipe(args.recipe, args.overrides).get("output_dir")
+        plans = seed_plans(args.recipe, seeds, args.overrides, allow_extends_outside=outside)
         print(format_plan(plans[0], str(Path(root) / f"seed-{seeds[0]}") if root else None))
         print(f"# seeds: {', '.join(map(str, seeds))} -> {root}/seed-<s>/ and {root}/summary/ "
               f"({len(plans)} plans validated)")
         return 0
-    from .loader import load_recipe
-
-    root = args.output_dir or load_recipe(args.recipe, args.overrides).get("output_dir")
     if not root:
         raise EmdpoError(f"{args.recipe}: output_dir: not set; add it to the recipe or pass --output-dir")
-    run_seeds(args.recipe, seeds, root, overrides=args.overrides, resume=args.resume)
+    run_seeds(args.recipe, seeds, root, overrides=args.overrides, resume=args.resume, allow_extends_outside=outside)
     return 0

@@ -5,8 +5,8 @@ marks it done only after the trainer returned and its outputs validated; later s
 the outputs that done stages recorded, and `--resume` reuses only done stages. So a folder a
 kill left half-written is never read as a result. Before a stage that is not done runs (again),
 `reset_stage_dir` empties its folder except the trainer's `resume_state` (em_dpo's checkpoints,
-each swapped in atomically and fingerprinted by the trainer), so no file of an unfinished or
-superseded attempt survives into the new result.
+sft's tiny model: each swapped in atomically and keyed by the fingerprint of what produced it),
+so no file of an unfinished or superseded attempt survives into the new result.
 
 Why not write into a temporary sibling and rename it into place: every trainer records
 run-relative paths to its files (`em/type0`), which would then have to name a folder that does

@@ -6,7 +6,6 @@ a half-written file, and `--resume` can always trust what it reads.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -17,6 +16,7 @@ from typing import Any
 import yaml
 
 from ..errors import EmdpoError
+from ..fingerprint import digest, output_fingerprint
 
 RUN_FILE = "run.json"
 RESOLVED_RECIPE = "recipe.resolved.yaml"
@@ -46,8 +46,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 def config_hash(payload: dict[str, Any]) -> str:
     """Stable short hash of a JSON-able payload (trainer, config, inputs, run-wide settings)."""
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    return digest(payload)
 
 
 def save_resolved_recipe(run_dir: Path, recipe: dict[str, Any]) -> Path:
@@ -106,25 +105,30 @@ class RunState:
         self.data["updated"] = now()
         write_atomic(self.path, json.dumps(self.data, indent=2, sort_keys=False) + "\n")
 
-    def set_plan(self, stages: list[tuple[str, str, str]], keep: set[str]) -> None:
-        """Lay out stages in plan order as (name, trainer, hash); entries in `keep` are kept as they are."""
+    def set_plan(self, stages: list[tuple[str, str, str | None]], keep: set[str]) -> None:
+        """Lay out stages in plan order as (name, trainer, hash); entries in `keep` are kept as they are.
+
+        A stage that will run gets its hash when it starts (`mark_running`): it folds in its
+        inputs' fingerprints, known only once they are done."""
         fresh: dict[str, dict[str, Any]] = {}
-        for name, trainer, digest in stages:
+        for name, trainer, key in stages:
             if name in keep:
                 fresh[name] = self.stages[name]
             else:
-                fresh[name] = _blank(trainer, digest)
+                fresh[name] = _blank(trainer, key)
         self.data["stages"] = fresh
         self.save()
 
-    def mark_running(self, name: str) -> None:
+    def mark_running(self, name: str, key: str) -> None:
         st = self.stages[name]
-        st.update(status="running", started=now(), ended=None, seconds=None, outputs=None, error=None)
+        st.update(status="running", config_hash=key, started=now(), ended=None, seconds=None, outputs=None,
+                  error=None, fingerprint=None)
         self.save()
 
     def mark_done(self, name: str, outputs: dict[str, Any], seconds: float) -> None:
         self.stages[name].update(status="done", ended=now(), seconds=round(seconds, 3), outputs=outputs, error=None,
                                  peak_rss_mib=peak_rss_mib(), **peak_gpu_mib())
+        self.stages[name]["fingerprint"] = output_fingerprint(self.stages[name])  # what later stages key on
         self.save()
 
     def mark_failed(self, name: str, error: str, seconds: float) -> None:
@@ -149,11 +153,11 @@ def peak_gpu_mib() -> dict[str, float]:
     return {"peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
 
 
-def _blank(trainer: str, digest: str) -> dict[str, Any]:
+def _blank(trainer: str, key: str | None) -> dict[str, Any]:
     return {
         "status": "pending",
         "trainer": trainer,
-        "config_hash": digest,
+        "config_hash": key,
         "started": None,
         "ended": None,
         "seconds": None,

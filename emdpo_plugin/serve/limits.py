@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..safe_json import NonFinite, depth_exceeds, finite_float, no_constant
+
 if TYPE_CHECKING:  # only annotated: the CLI reads RouterLimits' defaults without the server stack
     from starlette.requests import Request
 
@@ -41,21 +43,6 @@ class RequestError(Exception):
         self.status, self.message, self.kind, self.reason = status, message, kind, reason
 
 
-class _NonFinite(ValueError):
-    pass
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e999 parses as inf
-        raise _NonFinite(text)
-    return value
-
-
-def _no_constant(text: str) -> float:  # json calls this for NaN, Infinity, -Infinity
-    raise _NonFinite(text)
-
-
 async def read_body(request: Request, limit: int) -> bytes:
     """The whole body, refused with 413 as soon as it (or its declared length) exceeds `limit`."""
     declared = request.headers.get("content-length")
@@ -73,34 +60,20 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def json_depth_exceeds(value: Any, limit: int) -> bool:
-    """Whether arrays/objects nest more than `limit` levels (iterative: no recursion to exhaust)."""
-    stack = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
-        if children is None:
-            continue
-        if depth > limit:
-            return True
-        stack.extend((child, depth + 1) for child in children)
-    return False
-
-
 def parse_request(raw: bytes, max_depth: int) -> dict[str, Any]:
     """The body as a JSON object with finite numbers, bounded nesting and typed routing fields."""
     too_deep = RequestError(400, f"request body nests deeper than {max_depth} levels (--max-json-depth)")
     try:
-        body = json.loads(raw, parse_float=_finite_float, parse_constant=_no_constant)
-    except _NonFinite as exc:
-        raise RequestError(400, f"request body holds the non-finite number {exc}; JSON numbers must be finite") from None
+        body = json.loads(raw, parse_float=finite_float, parse_constant=no_constant)
+    except NonFinite as exc:
+        raise RequestError(400, f"request body holds the {exc}") from None
     except RecursionError:
         raise too_deep from None
     except ValueError:  # JSONDecodeError, UnicodeDecodeError, an integer too long to convert
         raise RequestError(400, "request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise RequestError(400, "request body must be a JSON object")
-    if json_depth_exceeds(body, max_depth):
+    if depth_exceeds(body, max_depth):
         raise too_deep
     for field, types, expected in (("model", str, "a string"), ("user", str, "a string"),
                                    ("stream", bool, "true or false")):

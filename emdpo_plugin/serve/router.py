@@ -30,11 +30,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from ..export.routing import RoutingConfig
+from ..export.routing import ENSEMBLE, RoutingConfig
 from .limits import RequestError, RouterLimits, parse_request, read_body
 from .upstream import ClientGone, Deadline, exchange, guarded, relay
 
-ENSEMBLE = "ensemble"
 HEADER = "x-emdpo-adapter"
 
 

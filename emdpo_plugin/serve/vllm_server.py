@@ -56,7 +56,7 @@ def lora_rank(adapter_dir: Path) -> int:
     cfg_path = adapter_dir / "adapter_config.json"
     try:
         return int(json.loads(cfg_path.read_text())["r"])
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, TypeError, ValueError) as exc:
         raise EmdpoError(f"{cfg_path}: not a PEFT LoRA adapter config ({exc})") from None
 
 

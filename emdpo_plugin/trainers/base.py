@@ -14,12 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from pydantic import Field
+
 from ..artifacts import Slot
 from ..config import StrictModel
 
 
 class StageConfig(StrictModel):
     """Base for per-trainer config schemas: unknown keys are errors, not silently ignored."""
+
+
+def seed_field(what: str) -> Any:
+    """A stage's optional `seed` field; unset means the recipe's seed."""
+    return Field(None, description=f"seed of {what} (default: the recipe's seed)")
 
 
 @dataclass
@@ -30,6 +37,9 @@ class StageContext:
     stage_name: str
     seed: int
     recipe: dict[str, Any]  # the fully resolved recipe (after extends and --set)
+    # the stage's key (recipe.reuse.stage_hash: config, seed, model, data, its inputs' fingerprints);
+    # a trainer keys what it reads back on resume by it, so a changed upstream never reuses it
+    key: str = ""
     _backend: Any = field(default=None, repr=False)
     _backend_factory: Any = field(default=None, repr=False)
     _executor: Any = field(default=None, repr=False)
@@ -78,6 +88,12 @@ class Trainer(ABC):
     # atomically and checked by the trainer); the runner empties the rest of the folder before
     # a stage that is not done runs again (emdpo_plugin.recipe.stage_dir)
     resume_state: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def source_identity(cls, config: StageConfig, recipe: dict[str, Any]) -> Any:
+        """What the stage reads from outside the run (e.g. a data file's content hash), JSON-able:
+        it enters the stage's key, so a resume re-runs the stage when it changed. None: nothing."""
+        return None
 
     @abstractmethod
     def run(self, ctx: StageContext, config: StageConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:

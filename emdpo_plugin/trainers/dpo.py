@@ -17,13 +17,14 @@ from pydantic import Field
 from ..artifacts import Slot
 from ..backends.base import FitSchedule
 from ..errors import RecipeError
-from .base import StageConfig, StageContext, Trainer
+from .base import StageConfig, StageContext, Trainer, seed_field
 from .common import dataset_from, rel_path, stage_seed
 
 
 class DPOConfig(StageConfig):
-    seed: int | None = None  # defaults to the recipe seed
-    epochs: float | None = Field(None, gt=0, description="passes over the data (default: model.train.max_epochs); inputs.budget overrides it")
+    seed: int | None = seed_field("the fit: initialisation and data order")
+    epochs: float | None = Field(None, gt=0, description="passes over the data (default: model.train.max_epochs, or the "
+                                                         "bandit's epochs); inputs.budget overrides it")
 
 
 def budget_from(ctx: StageContext, outputs: dict[str, Any]) -> float:

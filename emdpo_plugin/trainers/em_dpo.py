@@ -35,13 +35,13 @@ the annotators differ at all (K = 1 wins when they do not).
 `restarts` runs EM from several seeds and keeps the run with the best final log-likelihood;
 restart r > 0 seeds type 0 on a bootstrap resample of the annotators, so restarts differ.
 A checkpoint is written after every finished iteration; a killed run resumed with the same
-config continues from the last finished iteration.
+config, seed, data content and reference model (`checkpoint_fingerprint`) continues from the
+last finished iteration; any other checkpoint is ignored and EM starts afresh.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import shutil
 import time
@@ -61,7 +61,8 @@ from ..backends.base import FitSchedule
 from ..data.schema import ComparisonSet
 from ..errors import RecipeError
 from ..executors import Executor, FitJob, LocalExecutor
-from .base import StageConfig, StageContext, Trainer
+from ..fingerprint import digest
+from .base import StageConfig, StageContext, Trainer, seed_field
 from .common import dataset_from, rel_path, run_path, stage_seed
 
 
@@ -69,11 +70,15 @@ LOCAL = LocalExecutor()
 
 
 class EMConfig(StageConfig):
-    K: int | list[int] = Field(2, description="number of latent annotator types, or a list to choose from by held-out log-likelihood")
-    iterations: int = Field(10, ge=1, description="maximum EM iterations")
-    tol: float = Field(0.0, ge=0, description="stop when the log-likelihood gains less than tol (relative)")
-    min_responsibility: float = Field(0.0, ge=0, lt=1, description="M-step skips rows whose annotator's g_ik is below this")
-    init: Literal["seeded", "dirichlet"] = Field("seeded", description="symmetry breaking: likelihood k-means++ seeding or random responsibilities (ignored when inputs.init names a clustering stage)")
+    K: int | list[int] = Field(2, description="number of latent annotator types; a list (e.g. [1, 2, 3, 4]) picks one "
+                                              "by held-out log-likelihood")
+    iterations: int = Field(10, ge=1, description="maximum EM iterations (paper: 10 for IMDb, up to 100 for the bandit)")
+    tol: float = Field(0.0, ge=0, description="stop when the log-likelihood gains less than tol (relative); 0: run every iteration")
+    min_responsibility: float = Field(0.0, ge=0, lt=1, description="M-step skips rows whose annotator's responsibility g_ik "
+                                                                   "for the type is below this; 0: none skipped")
+    init: Literal["seeded", "dirichlet"] = Field("seeded", description=(
+        "symmetry breaking: seeded (trained seeding policies, eta_0 = 1/K: Algorithm 1) or dirichlet (random "
+        "responsibilities); ignored when inputs.init names a clustering stage"))
     seeding: Literal["split", "annotator"] = Field("split", description=(
         "init: seeded: split (type 0 on everyone, next types on the worse-explained annotators; for LMs) or "
         "annotator (likelihood k-means++ over single annotators; for small tabular policies such as the bandit)"))
@@ -83,7 +88,7 @@ class EMConfig(StageConfig):
     warm_start: bool = Field(True, description="M-steps continue from the previous policies (warm_epochs); false: each M-step refits from the reference for max_epochs (the dpo baseline's budget per final policy)")
     heldout_fraction: float = Field(0.2, gt=0, lt=1, description="K list: share of each annotator's comparisons held out to score each K")
     restarts: int = Field(1, ge=1, description="EM runs from different seeds; the best log-likelihood wins")
-    seed: int | None = None
+    seed: int | None = seed_field("seeding, Dirichlet draws and restarts")
 
     @field_validator("K")
     @classmethod
@@ -383,6 +388,17 @@ def clustering_from(ctx: StageContext, outputs: dict[str, Any], annotator_ids: l
     return resp[[pos[a] for a in annotator_ids]]
 
 
+def checkpoint_fingerprint(ctx: StageContext, config: EMConfig, seed: int, data_hash: str,
+                           init: dict[str, Any] | None) -> str:
+    """What a checkpoint must match to be resumed: the config, the seed, the model section, the
+    data's content hash, the reference model's identity (a backend's `reference_identity`, e.g. the
+    SFT stage's fingerprint) and the stage's own key. A checkpoint of another seed, other data or
+    another reference is never taken for this run's (the run folder's paths are the same)."""
+    return digest({"config": config.model_dump(mode="json"), "seed": seed, "model": ctx.recipe.get("model") or {},
+                   "data": data_hash, "reference": getattr(ctx.backend, "reference_identity", None),
+                   "init": init, "stage": ctx.key}, length=64)
+
+
 class EMDPOStage(Trainer):
     name = "em_dpo"
     description = "EM-DPO: soft EM over K latent annotator types, each M-step a weighted DPO."
@@ -407,11 +423,11 @@ class EMDPOStage(Trainer):
         return max(runs, key=lambda t: t[0]), runs
 
     def run(self, ctx: StageContext, config: EMConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        data = dataset_from(ctx, inputs["dataset"]).train
+        dataset = dataset_from(ctx, inputs["dataset"])
+        data = dataset.train
         candidates = config.candidates
         base_seed = stage_seed(ctx, config)
-        fingerprint = hashlib.sha256(json.dumps([config.model_dump(), ctx.recipe.get("model", {}),
-                                                 inputs["dataset"]], sort_keys=True, default=str).encode()).hexdigest()
+        fingerprint = checkpoint_fingerprint(ctx, config, base_seed, dataset.content_hash, inputs.get("init"))
         init_resp = None
         if "init" in inputs:
             if len(candidates) > 1:

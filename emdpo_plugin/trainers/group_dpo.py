@@ -22,13 +22,13 @@ from ..artifacts import Slot
 from ..backends.base import FitSchedule
 from ..errors import RecipeError
 from ..executors import FitJob
-from .base import StageConfig, StageContext, Trainer
+from .base import StageConfig, StageContext, Trainer, seed_field
 from .common import dataset_from, rel_path, stage_seed
 from .dpo import budget_from
 
 
 class GroupDPOConfig(StageConfig):
-    seed: int | None = None  # defaults to the recipe seed
+    seed: int | None = seed_field("the per-group fits")
     epochs: float | None = Field(None, gt=0, description="passes over each group's rows (default: the backend's "
                                                          "cold-fit budget); inputs.budget overrides it")
 

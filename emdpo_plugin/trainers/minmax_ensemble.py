@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..algorithms.defaults import HEDGE_ETA, HEDGE_STEPS
 from ..algorithms.minmax import game_value_lp, optimistic_hedge, regret_matrix
 from ..backends.base import SupportsExactExpectation, SupportsExport, SupportsVLLMSampling
-from .base import StageConfig, StageContext, Trainer
+from .base import StageConfig, StageContext, Trainer, seed_field
 from .. import __version__, tracking
 from ..artifacts import Slot
 from ..errors import EmdpoError, RecipeError
@@ -31,20 +31,20 @@ from .common import dataset_from, policies_from, prompts_from, rel_path, run_pat
 
 
 class MinMaxConfig(StageConfig):
-    eta: float = Field(HEDGE_ETA, gt=0, description="optimistic Hedge step size")
-    steps: int = Field(HEDGE_STEPS, ge=1, description="optimistic Hedge iterations")
+    eta: float = Field(HEDGE_ETA, gt=0, description="optimistic Hedge step size (paper Table 2: 0.05)")
+    steps: int = Field(HEDGE_STEPS, ge=1, description="optimistic Hedge iterations (paper: 10,000)")
     priority: list[float] | dict[str, float] | None = Field(None, description=(
         "priority weights c_k of the weighted variant: a list per type, or {group: c} for data with "
         "labelled groups (each type takes the priority of the group it is matched to)"))
-    prompts: int = Field(512, ge=1, description="prompts x ~ D for estimating L")
-    samples_per_prompt: int = Field(1, ge=1)
+    prompts: int = Field(512, ge=1, description="prompts x ~ D for estimating L (paper: 512)")
+    samples_per_prompt: int = Field(1, ge=1, description="responses sampled per prompt and type for L (sampled L)")
     L_method: Literal["auto", "exact", "sampled"] = Field("auto", description=(
         "how E_{y ~ pi_z'} in L is taken: exact (a sum over responses; backends with `exact_L`, e.g. the "
         "bandit's arms), sampled (y drawn from each type policy), or auto (exact where the backend offers it)"))
     sampler: Literal["hf", "vllm"] = Field("hf", description=(
         "who samples y ~ pi_k for L: the training stack (HF generate) or vLLM's offline engine with one "
         "LoRARequest per type; scoring always runs on the training stack"))
-    seed: int | None = None
+    seed: int | None = seed_field("the prompt draw and sampling")
 
 
 Sampler = Callable[[int], list[list[str]]]  # type index -> completions per prompt

@@ -56,12 +56,12 @@ class IdentifiabilitySpec(StrictModel):
 
 
 class ReportConfig(StageConfig):
-    title: str | None = None
+    title: str | None = Field(None, description="heading of report.md (default: the recipe name)")
     regret: Literal["auto", "exact", "oracle", "none"] = Field("auto", description=(
         "regret source: exact (the backend's true rewards, the bandit), oracle (appendix E against the "
         "`oracle` input, a group_dpo stage), none; auto = exact if the backend has it, else oracle if given"))
     regret_prompts: int = Field(64, ge=1, description="held-out (test) prompts for the oracle regret estimate")
-    samples_per_prompt: int = Field(1, ge=1)
+    samples_per_prompt: int = Field(1, ge=1, description="responses sampled per prompt and policy for the oracle regret")
     identifiability: dict[str, IdentifiabilitySpec] | None = Field(
         None, description="label -> {em, dataset} input slots: recovered mixture vs the builder's truth")
 

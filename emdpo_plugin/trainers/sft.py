@@ -4,6 +4,11 @@
 SFT through OpenRLHF's SFT path): the offline CPU default. Any other value (a model folder or
 a hub id) is used as the SFT model as is; the stage records it so `model.pretrain: stage:sft`
 resolves to it.
+
+Identity: a tiny model is kept across a re-run of the stage (`resume_state`) only while its
+build key (config, seed and the texts drawn from the data) matches (`models.tiny.build_key`);
+anything else rebuilds it. The key is the `fingerprint` output. An existing model's folder
+(or hub snapshot) enters the stage's key (`source_identity`), so a changed one re-runs it.
 """
 
 from __future__ import annotations
@@ -15,22 +20,23 @@ from pydantic import Field
 
 from .. import dist
 from ..artifacts import Slot
-from .base import StageConfig, StageContext, Trainer
+from ..fingerprint import model_identity
+from .base import StageConfig, StageContext, Trainer, seed_field
 from .common import dataset_from, rel_path, stage_seed
 
 
 class SFTConfig(StageConfig):
     model: str = Field("tiny", description="'tiny' (built locally) or an existing SFT model folder / hub id")
-    vocab_size: int = 2000
-    hidden_size: int = 64
-    layers: int = 2
-    heads: int = Field(2, description="hidden_size / heads must be >= 32 (vLLM's CPU attention)")
-    max_position: int = 256
-    sft_steps: int = 150
-    batch_size: int = 16
-    lr: float = 3e-3
-    max_texts: int = 4000  # distinct prompt + response texts drawn from the training data
-    seed: int | None = None
+    vocab_size: int = Field(2000, description="tiny: upper bound of the BPE vocabulary trained on the data")
+    hidden_size: int = Field(64, description="tiny: hidden width")
+    layers: int = Field(2, description="tiny: transformer layers")
+    heads: int = Field(2, description="tiny: attention heads; hidden_size / heads must be >= 32 (vLLM's CPU attention)")
+    max_position: int = Field(256, description="tiny: context length in tokens")
+    sft_steps: int = Field(150, description="tiny: SFT optimiser steps through OpenRLHF's SFT path")
+    batch_size: int = Field(16, description="tiny: texts per SFT step")
+    lr: float = Field(3e-3, description="tiny: peak AdamW learning rate (cosine schedule with a floor)")
+    max_texts: int = Field(4000, description="tiny: distinct prompt and response texts drawn from the training data")
+    seed: int | None = seed_field("the tokenizer, initialisation and SFT")
 
 
 class SFTStage(Trainer):
@@ -39,6 +45,11 @@ class SFTStage(Trainer):
     Config = SFTConfig
     input_slots = {"dataset": Slot(("dataset",), "texts for the tokenizer and SFT (model: tiny)")}
     produces = ("model",)
+    resume_state = ("model",)  # the tiny build, reused only when its build key matches
+
+    @classmethod
+    def source_identity(cls, config: SFTConfig, recipe: dict[str, Any]) -> Any:
+        return None if config.model == "tiny" else model_identity(config.model, config.model, None)
 
     def run(self, ctx: StageContext, config: SFTConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         if config.model != "tiny":
@@ -46,7 +57,7 @@ class SFTStage(Trainer):
         import numpy as np
 
         from ..data.chat import TemplateOnly, render_pair
-        from ..models.tiny import CHAT_TEMPLATE, build_tiny_lm
+        from ..models.tiny import CHAT_TEMPLATE, build_tiny_lm, read_build_info
 
         if "dataset" not in inputs:
             from ..errors import RecipeError
@@ -66,7 +77,8 @@ class SFTStage(Trainer):
             path = _build_in_child(texts, ctx.out_dir / "model", kwargs)
         else:
             path = build_tiny_lm(texts, ctx.out_dir / "model", **kwargs)
-        return {"model": rel_path(ctx, path), "built": True, "texts": len(texts)}
+        return {"model": rel_path(ctx, path), "built": True, "texts": len(texts),
+                "fingerprint": read_build_info(path)["key"]}
 
 
 def _build_in_child(texts: list[str], out_dir: Path, kwargs: dict[str, Any]) -> Path:
