@@ -284,3 +284,37 @@ def test_chat_dataset_trains_a_tiny_dpo_fit(tiny_model, tmp_path):
     stats = be.fit(policy, data, np.ones(len(data)), warm=False)
     assert stats["rows"] == 32 and stats["steps"] == 4
     assert margin() > before + 1.0
+
+
+def test_mapped_columns_train_in_a_recipe(tmp_path):
+    """The user's own columns (`question`, `good`, `bad`, integer `user`, extra `source`) go
+    through a recipe's `data.keys` into training: DPO and a 2-type EM on the bandit backend,
+    whose prompts are contexts and responses arms."""
+    import numpy as np
+    import yaml
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(48):
+        user, context = i % 8, [round(float(x), 3) for x in rng.uniform(size=3)]
+        good, bad = ("arm0", "arm1") if user < 4 else ("arm1", "arm0")  # two tastes among the users
+        rows.append({"question": json.dumps(context), "good": good, "bad": bad, "user": user, "source": "web"})
+    src = _jsonl(tmp_path / "mine.jsonl", rows)
+    keys = dict(p.split("=") for p in KEYS.split(","))
+    recipe = {"name": "mine", "output_dir": str(tmp_path / "run"),
+              "model": {"backend": "bandit", "epochs": 40, "warm_epochs": 10},
+              "data": {"path": str(src), "keys": keys},
+              "stages": [{"name": "data", "trainer": "data"},
+                         {"name": "dpo", "trainer": "dpo", "inputs": {"dataset": "data"}},
+                         {"name": "em", "trainer": "em_dpo", "inputs": {"dataset": "data"},
+                          "config": {"K": 2, "iterations": 2, "seeding": "annotator"}}]}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(tmp_path / "recipe.yaml")]) == 0
+    stages = json.loads((tmp_path / "run" / "run.json").read_text())["stages"]
+    assert stages["dpo"]["outputs"]["fit"]["rows"] == 48
+    clustering = json.loads((tmp_path / "run" / "em" / "clustering.json").read_text())
+    assert sorted(clustering["annotator_ids"]) == [str(u) for u in range(8)]
+    types = np.array(clustering["responsibilities"]).argmax(1)
+    by_user = dict(zip(clustering["annotator_ids"], types))
+    assert len({by_user[str(u)] for u in range(4)}) == 1 and len({by_user[str(u)] for u in range(4, 8)}) == 1
+    assert by_user["0"] != by_user["4"]  # the two tastes found from the mapped columns
