@@ -33,16 +33,6 @@ class GroupDPOConfig(StageConfig):
                                                          "cold-fit budget); inputs.budget overrides it")
 
 
-def cold_fit_epochs(backend: Any) -> float | None:
-    """Passes over the data of one fit from the reference, as the backend is configured."""
-    cfg = getattr(backend, "cfg", None)
-    if hasattr(cfg, "train"):  # openrlhf backend: epochs of the DeepSpeed schedule
-        return float(cfg.train.max_epochs)
-    if hasattr(cfg, "epochs"):  # bandit backend: full-batch steps, one pass each
-        return float(cfg.epochs)
-    return None
-
-
 def _folder(group: str, taken: set[str]) -> str:
     """A filesystem-safe, unique folder name for a group label."""
     base = re.sub(r"[^A-Za-z0-9_.-]+", "_", group).strip("._") or "group"
@@ -87,7 +77,7 @@ class GroupDPOStage(Trainer):
             name = f"{ctx.stage_name}/{g}"
             names[name] = rel_path(ctx, path)
             oracle[g] = name
-        seen = [float(f["epochs"]) if isinstance(f, dict) and "epochs" in f else cold_fit_epochs(backend) for f in fits]
+        seen = [float(f["epochs"]) for f in fits]  # PolicyBackend.fit reports the passes it trained
         return {"policies": names, "oracle_groups": oracle,
                 "epochs_seen": dict(zip(names, seen)),
                 "rows": {g: int((labels == g).sum()) for g in groups}, "fit": fits}
