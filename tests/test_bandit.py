@@ -13,10 +13,12 @@ import pytest
 import torch
 
 from data_builders.bandit import BanditConfig, BanditEnvironment, build
+from emdpo_plugin.algorithms.em import e_step
 from emdpo_plugin.algorithms.likelihood import comparison_loglik
 from emdpo_plugin.algorithms.metrics import clustering_scores
 from emdpo_plugin.backends.bandit import BanditBackend
 from emdpo_plugin.data.schema import ComparisonSet
+from emdpo_plugin.executors import LocalExecutor
 from emdpo_plugin.trainers.em_dpo import EMConfig, _Checkpoint, run_em
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,8 +128,9 @@ def _small(annotators=60, epochs=150, warm=50):
 
 
 def test_em_log_likelihood_never_decreases_and_recovers_groups(tmp_path):
+    """Algorithm 1 as written (exact E-step, the generalised-EM guard, no early stop)."""
     data, backend = _small()
-    state, policies = run_em(backend, data, EMConfig(K=2, iterations=6), seed=1,
+    state, policies = run_em(backend, data, EMConfig(K=2, iterations=6, estep="exact", resp_tol=0), seed=1,
                              ckpt=_Checkpoint(tmp_path / "ck", "fp"), desc="em")
     ll = np.array(state["log_likelihood"])
     assert len(ll) == 6
@@ -138,9 +141,26 @@ def test_em_log_likelihood_never_decreases_and_recovers_groups(tmp_path):
     np.testing.assert_allclose(sum(state["eta"]), 1.0)
 
 
+def test_em_stops_once_responsibilities_are_stable_and_ends_with_an_exact_estep(tmp_path):
+    data, backend = _small()
+    state, policies = run_em(backend, data, EMConfig(K=2, iterations=6), seed=1,
+                             ckpt=_Checkpoint(tmp_path / "ck", "fp"), desc="em")
+    assert state["stopped"] == "responsibilities stable" and 2 <= state["iteration"] < 6
+    assert state["final_estep"] == "exact"
+    # the reported posterior and likelihood are those of a fresh full E-step under the final policies
+    ll = LocalExecutor().loglik_many(backend, policies, data, backend.ref_score(data))
+    est = e_step(ll, data.annotator_index, data.n_annotators, np.array(state["eta"]))
+    np.testing.assert_allclose(est.log_likelihood, state["log_likelihood"][-1], rtol=1e-9)
+    np.testing.assert_allclose(est.log_resp, state["log_resp"], atol=1e-9)
+    assert clustering_scores(data.annotator_groups(), est.log_resp.argmax(1))["ari"] >= 0.9
+    assert state["ari_trace"][-1] >= 0.9 and len(state["ari_trace"]) == state["iteration"]
+    cost = state["cost"]
+    assert cost["rows_trained"] > 0 and cost["pairs_scored"] > 0 and cost["seconds"]["checkpoint"] > 0
+
+
 def test_em_resumes_from_last_finished_iteration(tmp_path):
     data, backend = _small(annotators=30, epochs=60, warm=20)
-    cfg = EMConfig(K=2, iterations=4)
+    cfg = EMConfig(K=2, iterations=4, resp_tol=0)
     calls = {"n": 0}
     real_fit = backend.fit
 

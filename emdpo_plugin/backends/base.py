@@ -32,11 +32,17 @@ class FitSchedule:
     `constant_lr`: the configured learning rate at every step, no warm-up and no decay. EM's
     seeding fits use `FitSchedule(steps=seed_steps, constant_lr=True)`: one annotator's rows
     are a single optimiser step per pass, and a warm-up schedule would give that step lr 0.
+    `order_seed`: the seed of the fit's row order (None: the backend's training seed). EM gives
+    each iteration its own, so fits of a fraction of an epoch see different rows each time, and
+    a resumed run sees the same rows as an uninterrupted one. `return_row_ll`: ask for the
+    fit's `row_ll` (see `PolicyBackend.fit`); a backend may not provide it.
     """
 
     steps: int | None = None
     epochs: float | None = None
     constant_lr: bool = False
+    order_seed: int | None = None
+    return_row_ll: bool = False
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.epochs is not None:
@@ -73,7 +79,10 @@ class PolicyBackend(Protocol):
         `warm=False` restarts from the reference with the full schedule. `schedule` overrides the
         budget and learning-rate schedule. A fit whose schedule gives learning rate 0 at every
         optimiser step raises `EmdpoError` naming the config keys (it would train nothing).
-        Returns stats with at least `rows` (rows trained) and `epochs` (passes over them)."""
+        Returns stats with at least `rows` (rows trained) and `epochs` (passes over them);
+        with `schedule.return_row_ll` optionally `row_ll`, an (n,) array of each trained row's log-likelihood from the
+        training pass's own forward (NaN for rows it did not reach), which EM's incremental
+        E-step uses instead of scoring those rows again."""
 
     def sample(self, policy: Any, prompts: list[str], n: int, seed: int) -> list[list[str]]:
         """n responses per prompt from the policy."""

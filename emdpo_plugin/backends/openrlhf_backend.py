@@ -191,7 +191,6 @@ class OpenRLHFBackend:
             openrlhf_compat.TORCH_ADAM = self.cfg.ds.torch_adam
         self.pretrain = resolve_pretrain(self.cfg.pretrain, self.run_dir)
         self._tokens: dict[tuple[str, str], Any] = {}  # by text: one tokenizer per backend
-        self.stats: dict[str, float] = {"ref_rows_computed": 0, "ref_rows_cached": 0, "ref_seconds": 0.0}
         self._build()
         # what the reference's scores depend on: the model (a `stage:` model: that stage's
         # fingerprint), and how sequences are cut and computed
@@ -199,7 +198,10 @@ class OpenRLHFBackend:
                                    "max_len": self.cfg.max_len, "dtype": self.args.ds.param_dtype,
                                    "attn": self.cfg.ds.attn_implementation}
         self.ref_cache = ReferenceCache(cache_file(self.run_dir, self.reference_identity))
-        self.stats: dict[str, float] = {"ref_rows_computed": 0, "ref_rows_cached": 0, "ref_seconds": 0.0}
+        # counters a stage records (run.json): the reference cache, and where fit/score time goes
+        self.stats: dict[str, float] = {"ref_rows_computed": 0, "ref_rows_cached": 0, "ref_seconds": 0.0,
+                                        "train_seconds": 0.0, "engine_seconds": 0.0, "score_seconds": 0.0,
+                                        "sequences_scored": 0}
 
     # --- set-up -----------------------------------------------------------------------------
     def _build(self) -> None:
@@ -357,8 +359,12 @@ class OpenRLHFBackend:
         if policy is None:
             with self._reference():
                 return self._score_active(prompts, responses, "score reference")
+        t = time.perf_counter()
         self._activate(policy)
-        return self._score_active(prompts, responses, "score")
+        out = self._score_active(prompts, responses, "score")
+        self.stats["score_seconds"] += time.perf_counter() - t
+        self.stats["sequences_scored"] += int(np.isfinite(out).sum())
+        return out
 
     def ref_score(self, data: ComparisonSet) -> np.ndarray:
         """Reference log-probs, computed once per (prompt, responses) and kept on disk (`ref_cache`)."""
@@ -397,7 +403,7 @@ class OpenRLHFBackend:
         (a partial accumulation would never step). Schedule: the configured one with
         `lr_warmup_steps` (capped at the fit's length), or a constant lr for `schedule.constant_lr`.
         Refused with an `EmdpoError` if every optimiser step would run at lr 0."""
-        from .weighted_dpo import WeightedComparisons, WeightedDPOTrainer
+        from .weighted_dpo import LengthGroupedShard, WeightedComparisons, WeightedDPOTrainer
 
         keep = np.flatnonzero(np.asarray(weights) > 0)
         if len(keep) == 0:
@@ -409,10 +415,13 @@ class OpenRLHFBackend:
         dataset = WeightedComparisons(tokens, data.rankings[keep], ref, w, self.tokenizer.pad_token_id)
         self._activate(policy if warm else self._restart(policy))
         tr = self.cfg.train
-        loader = self.strategy.setup_dataloader(dataset, tr.micro_batch_size, True, True, dataset.collate_fn,
-                                                drop_last=False)
-        accum = self.strategy.accumulated_gradient
         schedule = schedule or FitSchedule()
+        world = self.strategy.world_size
+        order = LengthGroupedShard(dataset.lengths(), tr.micro_batch_size * world,
+                                   tr.seed if schedule.order_seed is None else schedule.order_seed, world, dist.rank())
+        loader = self.strategy.setup_dataloader(dataset, tr.micro_batch_size, True, False, dataset.collate_fn,
+                                                drop_last=False, sampler=order)
+        accum = self.strategy.accumulated_gradient
         if schedule.steps is not None:
             micro = schedule.steps * accum
         else:
@@ -431,7 +440,9 @@ class OpenRLHFBackend:
             "min_lr_ratio": tr.min_lr_ratio, "max_norm": tr.max_norm, "scheduler_steps": steps,
         }
         self.actor.model = self.module  # a fresh DeepSpeed engine (and optimizer state) per M-step
+        t_engine = time.perf_counter()
         actor, optim, scheduler = self.strategy.prepare((self.actor, optim_cfg))
+        engine_s = time.perf_counter() - t_engine
         lrs = schedule_lrs(scheduler, steps)
         if lrs is not None and max(lrs) <= 0:
             actor.model.destroy()
@@ -447,13 +458,22 @@ class OpenRLHFBackend:
                                      mean_weight=float(w.mean()), max_epochs=math.ceil(epochs_run),
                                      max_norm=tr.max_norm, nll_loss_coef=self.cfg.nll_loss_coef,
                                      max_micro_batches=micro)
+        t_train = time.perf_counter()
         stats = trainer.fit(self.args, desc=desc or "M-step")
+        self.stats["train_seconds"] += time.perf_counter() - t_train
         engine = actor.model
         self.actor.model = self.module
         policy.state = self._snapshot()
         # the engine's ZeRO/bf16 optimizer hooks every parameter's gradient: a later engine on the same
         # module would run these stale hooks too (seen on GPU with ZeRO-2), and its state would leak
+        t_engine = time.perf_counter()
         engine.destroy()
+        engine_s += time.perf_counter() - t_engine
+        self.stats["engine_seconds"] += engine_s
+        row_ll = None
+        if schedule.return_row_ll and world == 1:  # under a launcher each rank saw a share of the rows: EM scores them instead
+            row_ll = np.full(len(data), np.nan)
+            row_ll[keep] = trainer.row_ll
         inner = getattr(optim, "optimizer", optim)  # DeepSpeed's wrapper (ZeRO) holds the torch optimiser
         lr_info = {"scheduler": sched_name, "optimizer": type(inner).__name__, "warmup_steps": warmup}
         if lrs is not None:
@@ -461,7 +481,8 @@ class OpenRLHFBackend:
         del trainer, engine, optim, scheduler
         n_tokens = epochs_run * sum(r.input_ids.shape[1] for row in tokens for r in row)  # real (unpadded) tokens
         return {**stats, "rows": int(len(keep)), "epochs": epochs_run, "optimizer_steps": steps,
-                "lr": lr_info, "tokens": int(n_tokens), "seconds": time.perf_counter() - t}
+                "lr": lr_info, "tokens": int(n_tokens), "seconds": time.perf_counter() - t,
+                "engine_seconds": engine_s, **({"row_ll": row_ll} if row_ll is not None else {})}
 
     @torch.no_grad()
     def sample(self, policy: LMPolicy, prompts: list[str], n: int, seed: int) -> list[list[str]]:

@@ -12,13 +12,14 @@ same function the E-step uses.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from openrlhf.trainer.dpo_trainer import DPOTrainer
 from openrlhf.utils.utils import zero_pad_sequences
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
 from .. import tracking
@@ -85,15 +86,49 @@ class WeightedComparisons(Dataset):
         return len(self.tokens)
 
     def __getitem__(self, i: int):
-        return self.tokens[i], self.rankings[i], self.ref[i], self.weights[i]
+        return self.tokens[i], self.rankings[i], self.ref[i], self.weights[i], i
+
+    def lengths(self) -> list[int]:
+        """Tokens of each row's longest response: what a batch pads to."""
+        return [max(t.input_ids.shape[1] for t in row) for row in self.tokens]
 
     def collate_fn(self, items):
         batch, response_mask = collate_responses([t for t, *_ in items], self.pad_token_id)
         width = batch.width
-        rankings = torch.as_tensor(np.stack([r[:width] for _, r, _, _ in items]))
-        ref = torch.as_tensor(np.stack([np.nan_to_num(x[:width]) for _, _, x, _ in items]))
-        weights = torch.as_tensor(np.array([w for *_, w in items], dtype=np.float64))
-        return batch, response_mask, rankings, ref, weights
+        rankings = torch.as_tensor(np.stack([r[:width] for _, r, _, _, _ in items]))
+        ref = torch.as_tensor(np.stack([np.nan_to_num(x[:width]) for _, _, x, _, _ in items]))
+        weights = torch.as_tensor(np.array([w for _, _, _, w, _ in items], dtype=np.float64))
+        index = torch.as_tensor([i for *_, i in items])
+        return batch, response_mask, rankings, ref, weights, index
+
+
+class LengthGroupedShard(Sampler):
+    """This rank's row order for one fit: rows of similar length share a micro-batch.
+
+    transformers' `LengthGroupedSampler` (the `group_by_length` of HF's Trainer: random
+    mega-batches of 50 groups, sorted by length inside) orders the rows in groups of `group` =
+    micro-batch x data-parallel ranks; rank r takes every world-th row, so each rank's
+    micro-batch comes from one group. Padded by wrapping to a multiple of `world` (every rank
+    runs the same number of micro-batches), as torch's DistributedSampler pads. Each epoch
+    (`set_epoch`) draws a new order from `seed + epoch`."""
+
+    def __init__(self, lengths: list[int], group: int, seed: int, world: int = 1, rank: int = 0) -> None:
+        self.lengths, self.group, self.seed, self.world, self.rank = lengths, group, seed, world, rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.world)
+
+    def __iter__(self):
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = list(LengthGroupedSampler(self.group, lengths=self.lengths, generator=gen))
+        order += order[: (-len(order)) % self.world]
+        return iter(order[self.rank::self.world])
 
 
 class WeightedDPOTrainer(DPOTrainer):
@@ -109,6 +144,8 @@ class WeightedDPOTrainer(DPOTrainer):
         self.mean_weight = mean_weight  # over the whole weighted set: minibatch losses are unbiased
         # a budget in micro-batches (whole optimiser steps) that may end inside an epoch
         self.max_micro_batches = max_micro_batches or max_epochs * len(train_dataloader)
+        # each row's log-likelihood from its latest training forward (EM's incremental E-step)
+        self.row_ll = np.full(len(train_dataloader.dataset), np.nan)
         tracker = tracking.active()  # the run's one tracker (recipe `logger:`), not one per fit
         if tracker is not None and self.strategy.is_rank_0():
             self._wandb, self._tensorboard = None, tracker.host_writer()
@@ -129,7 +166,7 @@ class WeightedDPOTrainer(DPOTrainer):
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
             self.model.train()
-            for batch, response_mask, rankings, ref, weights in self.train_dataloader:
+            for batch, response_mask, rankings, ref, weights, index in self.train_dataloader:
                 if step > self.max_micro_batches:
                     break
                 batch.input_ids = batch.input_ids.to(device)
@@ -138,6 +175,7 @@ class WeightedDPOTrainer(DPOTrainer):
                 rankings = rankings.to(device)
                 ll = comparison_loglik(logps, ref.to(device, logps.dtype), rankings,
                                        response_mask.to(device), self.beta, self.label_smoothing)
+                self.row_ll[index.numpy()] = ll.detach().double().cpu().numpy()
                 if self.nll_loss_coef > 0:  # the host's nll term (RPO): per-token NLL of the top response
                     top = token_means.gather(1, rankings[:, :1]).squeeze(1)
                     ll = ll + self.nll_loss_coef * top
