@@ -143,3 +143,42 @@ def test_data_parallel_fit_two_processes_train_the_same_model(tiny_model, tmp_pa
     assert results[0]["world_size"] == results[1]["world_size"] == 2
     assert results[0]["digest"] == results[1]["digest"]  # identical parameters on both ranks
     assert results[0]["margin_after"] > results[0]["margin_before"] + 0.5
+
+
+def test_training_pass_log_likelihoods_match_independent_scoring(tiny_model, tmp_path):
+    """`row_ll` (EM's incremental E-step) is each trained row's likelihood from its training
+    forward, mapped back to the right rows: with one full batch it is the pre-step policy's
+    score of every kept row, and NaN for the skipped ones."""
+    from emdpo_plugin.backends.base import FitSchedule
+
+    be = _backend(tiny_model, tmp_path, train={"lr": 1e-3, "micro_batch_size": 32, "batch_size": 32,
+                                               "lr_warmup_steps": 0})
+    data = _pairs()
+    policy = be.new_policy(0)
+    be.fit(policy, data, np.ones(len(data)), warm=False)
+    w = np.ones(len(data))
+    w[::4] = 0.0
+    ll = comparison_loglik(be.score(policy, data.prompts, data.responses), be.ref_score(data),
+                           data.rankings, data.response_mask, be.beta)
+    stats = be.fit(policy, data, w, warm=True, schedule=FitSchedule(epochs=1, return_row_ll=True))
+    row_ll = stats["row_ll"]
+    assert np.isnan(row_ll[w == 0]).all()
+    np.testing.assert_allclose(row_ll[w > 0], ll[w > 0], atol=1e-4)
+    assert "row_ll" not in be.fit(policy, data, w, warm=True)  # only when asked: stats go to run.json
+
+
+def test_length_grouped_order_covers_every_row_and_pads_little():
+    from emdpo_plugin.backends.weighted_dpo import LengthGroupedShard
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(10, 100, size=1000).tolist()
+    world, micro = 2, 8
+    shards = [list(LengthGroupedShard(lengths, micro * world, seed=3, world=world, rank=r)) for r in range(world)]
+    assert len(shards[0]) == len(shards[1]) == 500 and sorted(shards[0] + shards[1]) == list(range(1000))
+    assert list(LengthGroupedShard(lengths, micro * world, seed=3, world=world, rank=0)) == shards[0]  # seeded
+    other = LengthGroupedShard(lengths, micro * world, seed=3, world=world, rank=0)
+    other.set_epoch(1)
+    assert list(other) != shards[0]  # each epoch its own order
+    pad = lambda order: np.mean([max(lengths[i] for i in order[s:s + micro]) - np.mean([lengths[i] for i in order[s:s + micro]])
+                                 for s in range(0, len(order), micro)])
+    assert pad(shards[0]) < 0.25 * pad(rng.permutation(1000)[:500].tolist())
