@@ -16,7 +16,9 @@ from emdpo_plugin.recipe.loader import load_recipe
 from emdpo_plugin.recipe.runner import run_plan
 from emdpo_plugin.recipe.schema import validate_recipe
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "architecture.md"
+PACKAGE = ROOT / "emdpo_plugin"
 BLOCK = re.compile(r"```(python|yaml)\n# (\S+)\n(.*?)```", re.S)
 
 
@@ -58,3 +60,37 @@ def test_the_tables_name_what_exists():
         assert f"| `{kind}` |" in text, kind
     for proto in base.CAPABILITIES:
         assert f"| `{proto.__name__}` |" in text, proto.__name__
+
+
+def _rooms() -> dict[str, set[str]]:
+    """The Rooms block's `emdpo_plugin/` entries: room (a subpackage, or "" for the package root)
+    -> the `.py` files its lines name."""
+    block = DOC.read_text().split("## Rooms", 1)[1].split("```", 2)[1]
+    rooms: dict[str, set[str]] = {}
+    room = None
+    for line in block.splitlines():
+        if not line.startswith("  "):  # emdpo_plugin/ itself, data_builders/, recipes/
+            room = None
+            continue
+        head = line[:24].strip()
+        if head:
+            dirs = re.findall(r"(\w+)/", head)
+            room = ",".join(dirs)  # "export/, serve/" is one entry
+        rooms.setdefault(room, set()).update(re.findall(r"(\w+\.py)\b", line))
+    return rooms
+
+
+def test_the_rooms_are_the_packages_that_exist():
+    rooms = _rooms()
+    named = {d for room in rooms for d in room.split(",") if d}
+    packages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    assert named == packages, f"missing from the Rooms: {packages - named}; gone: {named - packages}"
+    for room, files in rooms.items():
+        where = [PACKAGE, *(PACKAGE / d for d in room.split(",") if d)]
+        missing = sorted(f for f in files if not any((w / f).is_file() for w in where))
+        assert not missing, f"the Rooms name {missing} under {room or 'emdpo_plugin/'}; no such file"
+
+
+def test_the_host_room_holds_the_host_adaptation():
+    rooms = _rooms()
+    assert rooms["host"] >= {p.name for p in (PACKAGE / "host").glob("*.py") if p.name != "__init__.py"}

@@ -1,4 +1,4 @@
-"""Host drift guard: what openrlhf_args.py restates must match the installed OpenRLHF.
+"""Host drift guard: what host/args.py restates must match the installed OpenRLHF.
 
 OpenRLHF builds its CLI parsers under `if __name__ == "__main__"`, so they cannot be called;
 the argument definitions are read from the CLI modules' source with `ast` instead (nothing is
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from emdpo_plugin.backends import openrlhf_args
+from emdpo_plugin.host import args as host_args
 
 CLIS = ("train_sft", "train_dpo")  # the host trainers whose args make_args stands in for
 
@@ -98,17 +98,17 @@ def _host_root() -> Path:
 def test_restated_defaults_and_names_match_the_installed_host():
     root = _host_root()
     hosts = {cli: host_arguments((root / "cli" / f"{cli}.py").read_text()) for cli in CLIS}
-    names_only = [*openrlhf_args.OVERRIDES, *openrlhf_args.CPU_DEFAULTS]
-    assert drift(openrlhf_args.HOST_DEFAULTS, names_only, hosts) == []
+    names_only = [*host_args.OVERRIDES, *host_args.CPU_DEFAULTS]
+    assert drift(host_args.HOST_DEFAULTS, names_only, hosts) == []
 
 
 def test_overrides_really_differ_from_the_host():
     """An override equal to a host default is a restated default: it belongs in HOST_DEFAULTS."""
     root = _host_root()
     hosts = {cli: host_arguments((root / "cli" / f"{cli}.py").read_text()) for cli in CLIS}
-    same = [k for k, v in openrlhf_args.OVERRIDES.items() if any(_same(v, a.get(k)) for a in hosts.values())]
+    same = [k for k, v in host_args.OVERRIDES.items() if any(_same(v, a.get(k)) for a in hosts.values())]
     assert same == []
-    assert not set(openrlhf_args.OVERRIDES) & set(openrlhf_args.HOST_DEFAULTS)
+    assert not set(host_args.OVERRIDES) & set(host_args.HOST_DEFAULTS)
 
 
 def test_the_guard_names_a_drifted_key():

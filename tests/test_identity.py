@@ -199,7 +199,7 @@ def fake_tiny_build(monkeypatch) -> list[dict]:
 
     monkeypatch.setattr(tiny, "_train_tokenizer", lambda *a: None)
     monkeypatch.setattr(tiny, "_init_model", init)
-    monkeypatch.setattr(tiny, "_sft_through_openrlhf", sft)
+    monkeypatch.setattr(tiny, "sft_through_openrlhf", sft)
     return builds
 
 

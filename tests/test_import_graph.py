@@ -3,7 +3,8 @@
 No module may import itself round a cycle, not even through an import inside a function: such
 a cycle only works while every import stays lazy, and hides which layer depends on which.
 `emdpo_plugin.algorithms` (the paper's math) must not import the rest of the package, so it can
-be read, tested and reused on its own.
+be read, tested and reused on its own. `emdpo_plugin.host` (OpenRLHF and DeepSpeed adapted) sits
+below everything that uses the host: it imports nothing else from the package.
 """
 
 from __future__ import annotations
@@ -121,12 +122,26 @@ def test_no_import_cycles() -> None:
         " <-> ".join(c) for c in cycles)
 
 
-def test_algorithms_import_nothing_else_from_the_package() -> None:
-    graph = _graph()
-    outside = {
-        name: sorted(d for d in deps if d.startswith("emdpo_plugin") and not d.startswith("emdpo_plugin.algorithms"))
+def _imports_from_outside(graph: dict[str, set[str]], room: str) -> dict[str, list[str]]:
+    """Each module of `room` -> what it imports from the rest of emdpo_plugin."""
+    return {
+        name: sorted(d for d in deps if d.startswith("emdpo_plugin") and not d.startswith(room))
         for name, deps in graph.items()
-        if name.startswith("emdpo_plugin.algorithms")
+        if name.startswith(room)
     }
+
+
+def test_algorithms_import_nothing_else_from_the_package() -> None:
+    outside = _imports_from_outside(_graph(), "emdpo_plugin.algorithms")
     assert any(name == "emdpo_plugin.algorithms.em" for name in outside)
     assert not {k: v for k, v in outside.items() if v}, outside
+
+
+def test_the_host_room_imports_nothing_else_from_the_package() -> None:
+    graph = _graph()
+    outside = _imports_from_outside(graph, "emdpo_plugin.host")
+    assert {"emdpo_plugin.host.compat", "emdpo_plugin.host.args", "emdpo_plugin.host.tiny_sft"} <= set(outside)
+    assert not {k: v for k, v in outside.items() if v}, outside
+    # its users reach the host through it
+    assert "emdpo_plugin.host.compat" in graph["emdpo_plugin.backends.openrlhf_backend"]
+    assert "emdpo_plugin.host.tiny_sft" in graph["emdpo_plugin.models.tiny"]

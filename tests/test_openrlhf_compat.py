@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from emdpo_plugin.backends.openrlhf_compat import apply_cpu_compat, cpu_optimizer_overrides
+from emdpo_plugin.host.compat import apply_cpu_compat, cpu_optimizer_overrides
 
 needs_cpu = pytest.mark.skipif(torch.cuda.is_available(), reason="the compat layer is a no-op on CUDA machines")
 
@@ -68,7 +68,7 @@ def test_cuda_deepspeed_dtype_and_env_patches(compat):
     assert cpu_optimizer_overrides() == {"torch_adam": True}
     from openrlhf.utils import get_strategy
 
-    from emdpo_plugin.backends.openrlhf_args import make_args
+    from emdpo_plugin.host.args import make_args
 
     strategy = get_strategy(make_args(train__batch_size=4, train__micro_batch_size=2))
     cfg = strategy.get_ds_train_config(optim_dict={"type": "AdamW", "params": {"lr": 1e-3}})
@@ -84,7 +84,7 @@ def test_noop_when_cuda_is_available(monkeypatch):
 
 
 def test_make_args_defaults_and_overrides():
-    from emdpo_plugin.backends.openrlhf_args import flatten_args, make_args
+    from emdpo_plugin.host.args import flatten_args, make_args
 
     args = make_args({"model.model_name_or_path": "/m", "ds.lora.rank": 8}, train__batch_size=4, cpu=True)
     assert args.ds.zero_stage == 0 and args.ds.param_dtype == "fp32" and args.ds.attn_implementation == "sdpa"
@@ -180,7 +180,7 @@ def test_build_tiny_lm_sft_loads_offline_and_generates(tiny_lm):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from emdpo_plugin.models import MARKER, build_tiny_lm, is_built, read_build_info
-    from emdpo_plugin.models.tiny import _mean_nll
+    from emdpo_plugin.host.tiny_sft import mean_nll
 
     path, texts, seconds = tiny_lm
     assert is_built(path)
@@ -205,7 +205,7 @@ def test_build_tiny_lm_sft_loads_offline_and_generates(tiny_lm):
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
     assert model.config.use_cache is True and model.dtype == torch.float32
     assert tok.pad_token_id == model.config.pad_token_id and tok.eos_token_id == model.config.eos_token_id
-    assert _mean_nll(model, tok, texts, 256) == pytest.approx(sft["loss_after"], rel=1e-4)
+    assert mean_nll(model, tok, texts, 256) == pytest.approx(sft["loss_after"], rel=1e-4)
 
     enc = tok(["the movie was"], return_tensors="pt", add_special_tokens=False)
     out = model.generate(**enc, max_new_tokens=30, do_sample=False, pad_token_id=tok.pad_token_id)

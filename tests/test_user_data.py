@@ -208,7 +208,7 @@ def test_the_backend_tokenizes_chat_through_the_template(chat_tokenizer):
     from types import SimpleNamespace
 
     from emdpo_plugin.backends.openrlhf_backend import OpenRLHFBackend
-    from emdpo_plugin.backends.openrlhf_compat import apply_cpu_compat
+    from emdpo_plugin.host.compat import apply_cpu_compat
 
     apply_cpu_compat()  # what the backend does first: OpenRLHF imports without flash-attn on CPU
     be = OpenRLHFBackend.__new__(OpenRLHFBackend)

@@ -32,7 +32,7 @@ from ..errors import EmdpoError
 from ..fingerprint import model_identity
 from .base import FitSchedule
 from .ref_cache import ReferenceCache, cache_file
-from .openrlhf_compat import apply_cpu_compat
+from ..host.compat import apply_cpu_compat
 
 
 class LoraSpec(StrictModel):
@@ -186,7 +186,7 @@ class OpenRLHFBackend:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.cpu = apply_cpu_compat()
         if self.cfg.ds.torch_adam is not None:
-            from . import openrlhf_compat
+            from ..host import compat as openrlhf_compat
 
             openrlhf_compat.TORCH_ADAM = self.cfg.ds.torch_adam
         self.pretrain = resolve_pretrain(self.cfg.pretrain, self.run_dir)
@@ -209,7 +209,7 @@ class OpenRLHFBackend:
         from openrlhf.utils import get_strategy
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .openrlhf_args import make_args
+        from ..host.args import make_args
 
         ds, tr = self.cfg.ds, self.cfg.train
         overrides = {

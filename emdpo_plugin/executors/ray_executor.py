@@ -47,10 +47,10 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.openrlhf_compat import apply_cpu_compat
 from ..backends.ref_cache import ReferenceCache
 from ..data.schema import ComparisonSet
 from ..errors import EmdpoError
+from ..host.compat import apply_cpu_compat
 from .base import ExecutorConfig, FitJob, loglik_rows
 
 apply_cpu_compat()  # the host's launcher imports openrlhf.models, which needs the flash_attn stand-ins on CPU

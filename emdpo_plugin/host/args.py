@@ -14,7 +14,7 @@ applies both plus the caller's overrides and hierarchizes. tests/test_host_drift
     args.ds.zero_stage  # 0
 
 On a machine without CUDA the defaults are adjusted (see :data:`CPU_DEFAULTS`): fp32 params
-(needs :func:`emdpo_plugin.backends.openrlhf_compat.apply_cpu_compat`), ``sdpa`` attention,
+(needs :func:`emdpo_plugin.host.compat.apply_cpu_compat`), ``sdpa`` attention,
 ZeRO stage 0.
 """
 
