@@ -73,8 +73,8 @@ def bench_recipe(K: int, repeats: int, em_overrides: dict[str, Any] | None = Non
 
 STOCK = """
 import json, sys, time
-from emdpo_plugin.backends.openrlhf_compat import apply_cpu_compat
-from emdpo_plugin.backends.openrlhf_args import make_args
+from emdpo_plugin.host.compat import apply_cpu_compat
+from emdpo_plugin.host.args import make_args
 apply_cpu_compat()
 from openrlhf.cli.train_dpo import train
 cfg = json.loads(sys.argv[1])

@@ -30,9 +30,10 @@ from ..data.chat import render_pair, render_prompt
 from ..data.schema import ComparisonSet
 from ..errors import EmdpoError
 from ..fingerprint import model_identity
+from ..host.compat import apply_cpu_compat
+from ..host.optimizer import use_torch_optimizer
 from .base import FitSchedule
 from .ref_cache import ReferenceCache, cache_file
-from ..host.compat import apply_cpu_compat
 
 
 class LoraSpec(StrictModel):
@@ -135,32 +136,6 @@ def resolve_pretrain(pretrain: str, run_dir: Path | None) -> str:
     return str(local) if outputs.get("built") else outputs["model"]
 
 
-def use_torch_optimizer(strategy: Any, name: str, params: dict[str, Any]) -> None:
-    """Make this strategy's `prepare` train with `torch.optim.<name>(**params)` instead of AdamW.
-
-    The one hook for a client optimiser: OpenRLHF's `DeepspeedStrategy.prepare` always writes an
-    AdamW (or Muon) section into the DeepSpeed config it passes to `deepspeed.initialize`, and
-    DeepSpeed builds any `torch.optim` class named there (`engine._configure_basic_optimizer`).
-    This wraps `get_ds_train_config` on this strategy instance only and replaces that section;
-    ZeRO, clipping, the scheduler (which reads the optimiser's lr) and the engine stay the host's.
-    ZeRO stages 1-2 need `zero_allow_untested_optimizer` for optimisers outside DeepSpeed's list.
-    """
-    import torch.optim
-
-    if not hasattr(torch.optim, name):
-        raise EmdpoError(f"model.train.optimizer: torch.optim has no {name}")
-    original = strategy.get_ds_train_config  # the class's (CPU-compat-wrapped) bound method
-
-    def get_ds_train_config(*args: Any, **kwargs: Any) -> dict[str, Any]:
-        ds_config = original(*args, **kwargs)
-        if "optimizer" in ds_config:  # absent on model-loading paths
-            ds_config["optimizer"] = {"type": name, "params": dict(params)}
-            ds_config["zero_allow_untested_optimizer"] = True
-        return ds_config
-
-    strategy.get_ds_train_config = get_ds_train_config
-
-
 def schedule_lrs(scheduler: Any, steps: int) -> list[float] | None:
     """The learning rate of each of the fit's optimiser steps, read from the real scheduler.
 
@@ -186,9 +161,9 @@ class OpenRLHFBackend:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.cpu = apply_cpu_compat()
         if self.cfg.ds.torch_adam is not None:
-            from ..host import compat as openrlhf_compat
+            from ..host import compat
 
-            openrlhf_compat.TORCH_ADAM = self.cfg.ds.torch_adam
+            compat.TORCH_ADAM = self.cfg.ds.torch_adam
         self.pretrain = resolve_pretrain(self.cfg.pretrain, self.run_dir)
         self._tokens: dict[tuple[str, str], Any] = {}  # by text: one tokenizer per backend
         self._build()

@@ -9,11 +9,13 @@
   trainers and strategy read, built from Python because its CLI parsers cannot be imported
   (``HOST_DEFAULTS`` restates theirs, ``OVERRIDES`` holds ours; tests/test_host_drift.py checks
   them against the installed host).
+- ``optimizer.py``: :func:`~emdpo_plugin.host.optimizer.use_torch_optimizer`, a ``torch.optim``
+  optimiser (RMSprop, the paper's) in place of the AdamW section OpenRLHF writes into the
+  DeepSpeed config, by wrapping one strategy object's ``get_ds_train_config``.
 - ``tiny_sft.py``: :func:`~emdpo_plugin.host.tiny_sft.sft_through_openrlhf`, the tiny model's SFT
   through OpenRLHF's own SFT path (the model itself is built in ``emdpo_plugin.models.tiny``).
 
 The backends (``backends/openrlhf_backend.py``, ``backends/weighted_dpo.py``), the Ray executor
 and the tiny model use the host through these modules. Every process-wide patch is made here;
-outside, the host is only subclassed (``WeightedDPOTrainer``) or one strategy object the backend
-owns is wrapped (``openrlhf_backend.use_torch_optimizer``, for ``model.train.optimizer: rmsprop``).
+outside, the host is only subclassed (``WeightedDPOTrainer``).
 """
