@@ -273,20 +273,21 @@ def type_loglik(backend: Any, policy: Any, data: ComparisonSet, ref: np.ndarray,
 def m_step(backend: Any, policies: list[Any], data: ComparisonSet, weights: np.ndarray, ref: np.ndarray,
            prev_ll: np.ndarray | None, warm: bool, desc: str, executor: Executor = LOCAL,
            schedules: list[FitSchedule | None] | None = None,
-           rescore: np.ndarray | None = None) -> tuple[list[Any], np.ndarray, list[dict[str, Any]]]:
+           rescore: np.ndarray | None = None, guard: bool = True) -> tuple[list[Any], np.ndarray, list[dict[str, Any]]]:
     """Weighted DPO per type, then each type's log-likelihood of every comparison.
 
-    `rescore` None (exact E-step): every comparison is scored under every new policy, and the
-    generalised-EM guard applies: a type whose new policy lowers its weighted objective
-    `sum_j w_jk ll_k(j)` keeps its previous policy, so the observed log-likelihood can only grow
-    (an M-step solved by a few epochs of SGD is not guaranteed to improve it). `rescore` (n, K)
-    (incremental E-step): trained rows from the training pass, rows marked there scored, the
-    rest kept from `prev_ll` (see `type_loglik`); without fresh scores of the trained rows the
-    guard has nothing exact to compare, so it is off and the run's final E-step is exact instead.
+    `rescore` None: every comparison is scored under every new policy. `guard` (with exact
+    `prev_ll`, i.e. `estep: exact`): the generalised-EM guard: a type whose new policy lowers its
+    weighted objective `sum_j w_jk ll_k(j)` keeps its previous policy, so the observed
+    log-likelihood can only grow (an M-step solved by a few epochs of SGD is not guaranteed to
+    improve it). `rescore` (n, K) (incremental E-step): trained rows from the training pass,
+    rows marked there scored, the rest kept from `prev_ll` (see `type_loglik`); without exact
+    scores of the previous policies the guard has nothing to compare, so incremental runs turn it
+    off and end with an exact E-step instead.
     """
     schedules = schedules or [None] * len(policies)
     exact = rescore is None
-    previous = [copy.deepcopy(p) for p in policies] if exact and prev_ll is not None else None
+    previous = [copy.deepcopy(p) for p in policies] if guard and exact and prev_ll is not None else None
     fits = executor.fit_many(backend, data, [FitJob(p, weights[:, k], warm, f"{desc} type{k}", schedules[k])
                                              for k, p in enumerate(policies)])
     if exact:
@@ -372,11 +373,11 @@ def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _C
         schedules = [FitSchedule(epochs=cfg.warm_epochs if warm else None, order_seed=seed + 1000 * k + 7919 * (it + 1),
                                  return_row_ll=incremental) for k in range(K)]
         rescore = None
-        if incremental:  # candidate types per annotator, plus one rotating type re-scored everywhere
-            rescore = resp[data.annotator_index] >= cfg.candidate_floor
-            rescore[:, it % K] = True
+        if incremental and it + 1 < cfg.iterations:  # the last allowed iteration scores everything at once
+            rescore = resp[data.annotator_index] >= cfg.candidate_floor  # candidate types per annotator,
+            rescore[:, it % K] = True  # plus one rotating type re-scored everywhere
         policies, ll, fits = m_step(backend, policies, data, weights, ref, ll, warm, desc, executor, schedules,
-                                    rescore)
+                                    rescore, guard=not incremental)
         cost.add_fits(fits)
         for k, f in enumerate(fits):
             if f.get("kept_previous"):
@@ -393,11 +394,11 @@ def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _C
         converged = stable or abs(gain) <= cfg.tol * abs(est.log_likelihood)
         state["iteration"] += 1
         done = converged or state["iteration"] >= cfg.iterations
-        if done and incremental:  # one fresh full pass: the reported responsibilities and likelihood are exact
+        if done and rescore is not None:  # one fresh full pass: the reported responsibilities and likelihood are exact
             ll = np.stack([type_loglik(backend, p, data, ref, executor)[0] for p in policies], axis=1)
             cost.scored += ll.size
             est = e_step(ll, data.annotator_index, data.n_annotators, eta)
-            state["final_estep"] = "exact"
+        state["final_estep"] = "exact" if done else None
         log_resp = est.log_resp
         trace.append(est.log_likelihood)
         state["eta_trace"].append(eta.tolist())
