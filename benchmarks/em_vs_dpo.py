@@ -126,6 +126,7 @@ def main() -> None:
     out = Path(a.out)
     if out.exists():
         raise SystemExit(f"{out} exists: results are never overwritten, give a new name")
+    started_at = commit()  # the code that runs (read before anything can change the tree)
     work = Path(a.work or tempfile.mkdtemp(prefix="em_vs_dpo_"))
     work.mkdir(parents=True, exist_ok=True)
     recipe = bench_recipe(a.K, a.repeats, {k: yaml.safe_load(v) for k, v in (e.split("=", 1) for e in a.em)})
@@ -139,7 +140,7 @@ def main() -> None:
     ratios = [e / d for e, d in zip(em_s, dpo_s)]
     ems = [stages[f"em_r{r}"]["outputs"] for r in range(a.repeats)]
     result = {
-        "device": device(), "commit": commit(), "K": a.K, "repeats": a.repeats,
+        "device": device(), "commit": started_at, "K": a.K, "repeats": a.repeats,
         "data": "recipes/emdpo_imdb_cpu.yaml data (imdb_synthetic generated, 200 annotators x 25 comparisons)",
         "model": {k: recipe["model"][k] for k in ("max_len", "lora", "train", "ds")},
         "em_config": recipe["stages"][4]["config"],

@@ -206,6 +206,42 @@ def test_restarts_keep_the_best_log_likelihood(tmp_path):
     assert sorted(out["policies"]) == ["em/type0", "em/type1"]
 
 
+def test_a_clustering_stage_with_policies_is_em_step_zero(tmp_path):
+    """`inputs: {init: <cluster_dpo stage>}`: its type policies are M-step 0 (an E-step under
+    them, then warm M-steps), so EM retrains nothing from the reference."""
+    from emdpo_plugin.data.io import write_dataset_dir
+    from emdpo_plugin.data.manifest import build_manifest
+    from emdpo_plugin.trainers.base import StageContext
+    from emdpo_plugin.trainers.em_dpo import EMDPOStage
+
+    ds = build({"annotators": 60, "group_probs": [0.6, 0.4]}, seed=5)
+    write_dataset_dir(tmp_path / "data", ds.train, ds.test, build_manifest(ds.train, ds.test, builder="bandit", config=ds.config))
+    data = ComparisonSet(ds.train)
+    backend = BanditBackend({"epochs": 150, "warm_epochs": 50, "label_smoothing": 0.01}, seed=5)
+    groups = sorted(set(data.annotator_groups()))
+    hard = np.array([[g == k for k in groups] for g in data.annotator_groups()], dtype=float)
+    (tmp_path / "kmeans").mkdir()
+    policies = {}
+    for k in range(2):  # a clustering stage's output: one policy per (true) cluster
+        p = backend.new_policy(k)
+        backend.fit(p, data, hard[data.annotator_index, k], warm=False)
+        backend.save(p, tmp_path / "kmeans" / f"type{k}")
+        policies[f"kmeans/type{k}"] = f"kmeans/type{k}"
+    (tmp_path / "kmeans" / "clustering.json").write_text(json.dumps(
+        {"annotator_ids": data.annotator_ids, "responsibilities": hard.tolist()}))
+    init = {"policies": policies, "clustering": "kmeans/clustering.json",
+            "epochs_seen": {name: 150.0 for name in policies}}
+    fits = []
+    real_fit = backend.fit
+    backend.fit = lambda *a, **kw: fits.append(kw["warm"]) or real_fit(*a, **kw)
+    ctx = StageContext(run_dir=tmp_path, stage_name="em", seed=5, recipe={"model": {}}, _backend=backend)
+    out = EMDPOStage().run(ctx, EMConfig(K=2, iterations=2, resp_tol=0),
+                           {"dataset": {"dir": "data", "manifest": "data/manifest.json"}, "init": init})
+    assert out["start"] == "clustering policies"
+    assert fits == [True] * 4  # 2 iterations x 2 types, every one warm: no fit from the reference
+    assert out["ari"] == 1.0 and min(out["epochs_seen"].values()) > 150
+
+
 def _run_cli(*args, cwd=ROOT):
     return subprocess.run([OPENRLHF, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 

@@ -18,7 +18,10 @@ chance on the CPU recipe's data. `init: dirichlet` draws random soft assignments
 needs no seeding: one type from the reference, i.e. DPO on every comparison.
 
 Departure (opt-in): `inputs: {init: <clustering stage>}` starts from another stage's hard
-assignments (smoothed by `init_smoothing`) instead, which makes EM depend on that baseline.
+assignments instead, which makes EM depend on that baseline. When that stage trained one policy
+per type (cluster_dpo), those policies are M-step 0: an E-step under them, then warm M-steps
+(nothing is retrained from the reference); otherwise the assignments, smoothed by
+`init_smoothing`, weight a first M-step from the reference.
 
 Warm start: with `warm_start: true` an M-step continues from the type's previous policy
 (`warm_epochs` passes); `false` refits each M-step from the reference for one schedule
@@ -313,11 +316,14 @@ def m_step(backend: Any, policies: list[Any], data: ComparisonSet, weights: np.n
 
 def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _Checkpoint, desc: str,
            init_resp: np.ndarray | None = None, executor: Executor = LOCAL,
-           restart: int = 0, track: str | None = None) -> tuple[dict[str, Any], list[Any]]:
+           restart: int = 0, track: str | None = None,
+           init_policies: tuple[list[Any], list[float]] | None = None) -> tuple[dict[str, Any], list[Any]]:
     """One EM run from one seed with `cfg.K` types (an int); returns (state, policies).
 
     Resumes from `ckpt` if present. `init_resp` (annotators x K), e.g. another stage's
-    clustering, replaces the seeded start. `state["epochs_seen"]` holds each type's training
+    clustering, replaces the seeded start; with `init_policies` (that stage's type policies and
+    the passes each received) those policies are M-step 0: EM starts with an E-step under them
+    and warm M-steps, rather than retraining the types from the reference. `state["epochs_seen"]` holds each type's training
     passes (see `epochs_seen`). `track` names the tracker namespace of its per-iteration series."""
     K = cfg.K
     assert isinstance(K, int), "run_em takes one K; the stage selects among several"
@@ -326,6 +332,7 @@ def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _C
     loaded = ckpt.load(backend)
     cost = _Cost(backend, loaded[0].get("cost") if loaded is not None else None)
     seeded = init_resp is None and cfg.init == "seeded" and K > 1
+    from_policies = init_resp is not None and init_policies is not None
     if loaded is not None:
         state, policies, ll, passes = loaded
         if state["done"]:
@@ -336,7 +343,14 @@ def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _C
         ll = None
         passes = np.zeros((len(data), K))
         state = {"iteration": 0, "log_likelihood": [], "eta_trace": [], "fit": [], "done": False}
-        if init_resp is not None:
+        if from_policies:  # the clustering stage's policies are M-step 0: an E-step under them
+            policies, seen = init_policies
+            ll = executor.loglik_many(backend, policies, data, ref)
+            est = e_step(ll, data.annotator_index, data.n_annotators, update_eta(np.log(init_resp + 1e-300)))
+            log_resp = est.log_resp
+            passes = np.asarray(seen)[None, :] * (init_resp[data.annotator_index] > 0.5)
+            state["start"] = "clustering policies"
+        elif init_resp is not None:
             policies = [backend.new_policy(seed + 1000 * k) for k in range(K)]
             log_resp = np.log((1 - cfg.init_smoothing) * init_resp + cfg.init_smoothing / K)
             state["start"] = "clustering"
@@ -367,7 +381,7 @@ def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _C
         eta = update_eta(log_resp)
         resp = np.exp(log_resp)
         weights = comparison_weights(resp, data.annotator_index, cfg.min_responsibility)
-        warm = cfg.warm_start and (it > 0 or seeded)
+        warm = cfg.warm_start and (it > 0 or seeded or from_policies)
         # each iteration and type its own row order: a fraction of an epoch sees new rows, and a
         # resumed run the same rows as an uninterrupted one
         schedules = [FitSchedule(epochs=cfg.warm_epochs if warm else None, order_seed=seed + 1000 * k + 7919 * (it + 1),
@@ -523,6 +537,17 @@ def clustering_from(ctx: StageContext, outputs: dict[str, Any], annotator_ids: l
     return resp[[pos[a] for a in annotator_ids]]
 
 
+def policies_of(ctx: StageContext, outputs: dict[str, Any], K: int) -> tuple[list[Any], list[float]] | None:
+    """The type policies `<stage>/type0..K-1` a clustering stage trained (cluster_dpo), loaded,
+    with the passes each received; None if it recorded no such policies."""
+    names = {name.rsplit("/", 1)[-1]: path for name, path in (outputs.get("policies") or {}).items()}
+    if sorted(names) != [f"type{k}" for k in range(K)]:
+        return None
+    seen = {name.rsplit("/", 1)[-1]: v for name, v in (outputs.get("epochs_seen") or {}).items()}
+    return ([ctx.backend.load(run_path(ctx, names[f"type{k}"])) for k in range(K)],
+            [float(seen.get(f"type{k}", 0.0)) for k in range(K)])
+
+
 def checkpoint_fingerprint(ctx: StageContext, config: EMConfig, seed: int, data_hash: str,
                            init: dict[str, Any] | None) -> str:
     """What a checkpoint must match to be resumed: the config, the seed, the model section, the
@@ -546,14 +571,17 @@ class EMDPOStage(Trainer):
     resume_state = ("restarts", "select")  # per-restart checkpoints (see _Checkpoint), kept across a kill
 
     def _best_of_restarts(self, ctx: StageContext, data: ComparisonSet, config: EMConfig, root: Path,
-                          fingerprint: str, base_seed: int, init_resp: np.ndarray | None, label: str):
+                          fingerprint: str, base_seed: int, init_resp: np.ndarray | None, label: str,
+                          init_policies: tuple[list[Any], list[float]] | None = None):
         runs = []
         for r in range(config.restarts):
             ckpt = _Checkpoint(root / f"r{r}", fingerprint)
             track = "/".join([ctx.stage_name, *label.split(), *([f"restart{r}"] if config.restarts > 1 else [])])
             state, policies = run_em(ctx.backend, data, config, base_seed + r, ckpt,
                                      f"{ctx.stage_name}{label} restart {r}", init_resp, ctx.executor, restart=r,
-                                     track=track)
+                                     track=track,
+                                     init_policies=None if init_policies is None else
+                                     ([copy.deepcopy(p) for p in init_policies[0]], init_policies[1]))
             runs.append((state["log_likelihood"][-1], r, state, policies))
         return max(runs, key=lambda t: t[0]), runs
 
@@ -563,11 +591,12 @@ class EMDPOStage(Trainer):
         candidates = config.candidates
         base_seed = stage_seed(ctx, config)
         fingerprint = checkpoint_fingerprint(ctx, config, base_seed, dataset.content_hash, inputs.get("init"))
-        init_resp = None
+        init_resp, init_policies = None, None
         if "init" in inputs:
             if len(candidates) > 1:
                 raise RecipeError(f"stages.{ctx.stage_name}.inputs.init: a clustering start needs one K, config.K is {config.K}")
             init_resp = clustering_from(ctx, inputs["init"], data.annotator_ids, candidates[0])
+            init_policies = policies_of(ctx, inputs["init"], candidates[0])
         selection: dict[str, Any] | None = None
         if len(candidates) > 1:
             held = heldout_split(data, config.heldout_fraction, base_seed)
@@ -584,7 +613,7 @@ class EMDPOStage(Trainer):
         K = selection["chosen_K"] if selection else candidates[0]
         (best_ll, best_r, state, policies), runs = self._best_of_restarts(
             ctx, data, config.model_copy(update={"K": K}), ctx.out_dir / "restarts", fingerprint, base_seed,
-            init_resp, "")
+            init_resp, "", init_policies)
         out = ctx.out_dir
         names = {}
         for k, p in enumerate(policies):
