@@ -376,7 +376,7 @@ class OpenRLHFBackend:
         Budget: `schedule.steps` optimiser steps, else `schedule.epochs` passes, else
         `warm_epochs`/`max_epochs`; the micro-batch count is rounded up to whole optimiser steps
         (a partial accumulation would never step). Schedule: the configured one with
-        `lr_warmup_steps` (capped at the fit's length), or a constant lr for `schedule.constant_lr`.
+        `lr_warmup_steps` (capped at the fit's length; a warm fit's at one step less), or a constant lr for `schedule.constant_lr`.
         Refused with an `EmdpoError` if every optimiser step would run at lr 0."""
         from .weighted_dpo import LengthGroupedShard, WeightedComparisons, WeightedDPOTrainer
 
@@ -407,7 +407,9 @@ class OpenRLHFBackend:
         if schedule.constant_lr:
             sched_name, warmup = "constant", 0
         else:
-            sched_name, warmup = tr.lr_scheduler, min(tr.lr_warmup_steps, steps)
+            # a warm fit (an EM M-step continuing a trained type) keeps one step past its warm-up:
+            # a type with few rows may get a single step, which a full warm-up would run at lr 0
+            sched_name, warmup = tr.lr_scheduler, min(tr.lr_warmup_steps, steps - 1 if warm else steps)
         optim_cfg = {
             "optim": "adam",
             "adam": {"lr": tr.lr, "betas": tuple(tr.adam_betas), "eps": 1e-8, "weight_decay": tr.weight_decay},
