@@ -106,7 +106,7 @@ def test_every_m_step_of_a_warmup_schedule_trains(tiny_model, tmp_path):
     """An M-step under warm-up + decay: some steps may be at lr 0 (step 0), never all of them."""
     data = _two_tastes(9, 6)
     be = _lm(tiny_model, tmp_path, micro_batch_size=6, batch_size=6, lr_warmup_steps=2)
-    state, _ = run_em(be, data, EMConfig(K=2, iterations=1, warm_start=False), seed=0,
+    state, _ = run_em(be, data, EMConfig(K=2, iterations=1, warm_start=False, min_responsibility=0), seed=0,
                       ckpt=_Checkpoint(tmp_path / "ck", "fp"), desc="em")
     for fit in [f for it in state["fit"] for f in it]:
         assert fit["lr"]["zero_steps"] <= 1 and fit["lr"]["mean"] > 0 and fit["optimizer_steps"] >= 3
