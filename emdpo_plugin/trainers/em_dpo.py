@@ -615,10 +615,10 @@ class EMDPOStage(Trainer):
             ctx, data, config.model_copy(update={"K": K}), ctx.out_dir / "restarts", fingerprint, base_seed,
             init_resp, "", init_policies)
         out = ctx.out_dir
-        names = {}
-        for k, p in enumerate(policies):
-            ctx.backend.save(p, out / f"type{k}")
-            names[f"{ctx.stage_name}/type{k}"] = rel_path(ctx, out / f"type{k}")
+        # each adapter is saved once: the outputs name the chosen restart's last checkpoint folders
+        # (that checkpoint holds exactly these policies; a finished checkpoint is never rewritten)
+        final = out / "restarts" / f"r{best_r}"
+        names = {f"{ctx.stage_name}/type{k}": rel_path(ctx, final / f"type{k}") for k in range(len(policies))}
         seen = dict(zip(names, state.get("epochs_seen", [0.0] * K)))
         clustering = {
             "annotator_ids": data.annotator_ids,
