@@ -60,6 +60,28 @@ def test_fit_moves_policy_toward_preferences_and_roundtrips(tiny_model, tmp_path
                                be.score(policy, data.prompts, data.responses), atol=1e-6)
 
 
+def test_a_fit_with_dropout_does_not_depend_on_what_the_process_drew_before(tiny_model, tmp_path):
+    """Dropout masks come from a seed of the fit itself (`fit_seed`), not from the process's RNG
+    state: a resumed run, a new process, trains each fit as the uninterrupted run did."""
+    import torch
+
+    be = _backend(tiny_model, tmp_path, lora={"rank": 8, "dropout": 0.5})
+    data, weights = _pairs(), np.ones(32)
+
+    def fitted(draws: int):
+        policy = be.new_policy(1)
+        torch.rand(draws)  # whatever this process did before the fit
+        be.fit(policy, data, weights, warm=False)
+        torch.rand(draws)  # ...and between a stage's fits
+        be.fit(policy, data, weights, warm=True)
+        return be.score(policy, data.prompts, data.responses)
+
+    first = fitted(1)
+    np.testing.assert_array_equal(fitted(1000), first)
+    be.cfg.train.seed += 1  # the train seed does change the masks: dropout is really on
+    assert not np.array_equal(fitted(1), first)
+
+
 def test_weighted_loss_is_the_weighted_likelihood(tiny_model, tmp_path):
     """One full batch: the trainer's first loss (before its step) equals -sum w ll / sum w from
     independent scoring."""

@@ -12,6 +12,7 @@ the reference model never runs inside EM iterations.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -121,6 +122,25 @@ class LMPolicy:
     """The trainable tensors of one type policy (on CPU)."""
 
     state: dict[str, torch.Tensor]
+
+
+def fit_seed(train_seed: int, desc: str, rows: np.ndarray, weights: np.ndarray, micro_batches: int,
+             start: LMPolicy | None) -> int:
+    """The torch seed of one fit, derived from what the fit is: the train seed, its name, rows,
+    weights, length and starting tensors (None: the reference).
+
+    Dropout (`model.lora.dropout`, or the base model's own) draws from torch's global RNG. Unseeded,
+    a fit's masks would depend on everything this process ran before it, so a run resumed after
+    a kill (a new process that starts at a later stage or EM iteration) would train differently
+    from one never interrupted (tests/test_faults.py). The starting tensors tell apart M-steps of
+    equal weights; hashing them costs about what the snapshot every fit takes already does."""
+    h = hashlib.sha256(json.dumps([train_seed, desc, int(micro_batches)]).encode())
+    h.update(np.ascontiguousarray(rows, dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(weights, dtype=np.float64).tobytes())
+    for name, tensor in sorted((start.state if start is not None else {}).items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return int.from_bytes(h.digest()[:8], "little") >> 1  # torch.manual_seed takes < 2**63
 
 
 def resolve_pretrain(pretrain: str, run_dir: Path | None) -> str:
@@ -388,7 +408,8 @@ class OpenRLHFBackend:
         tokens = [[self._tokenize(data.prompts[i], r) for r in data.responses[i]] for i in keep]
         w = np.asarray(weights, dtype=np.float64)[keep]
         dataset = WeightedComparisons(tokens, data.rankings[keep], ref, w, self.tokenizer.pad_token_id)
-        self._activate(policy if warm else self._restart(policy))
+        start = policy if warm else self._restart(policy)
+        self._activate(start)
         tr = self.cfg.train
         schedule = schedule or FitSchedule()
         world = self.strategy.world_size
@@ -435,6 +456,7 @@ class OpenRLHFBackend:
                                      mean_weight=float(w.mean()), max_epochs=math.ceil(epochs_run),
                                      max_norm=tr.max_norm, nll_loss_coef=self.cfg.nll_loss_coef,
                                      max_micro_batches=micro)
+        torch.manual_seed(fit_seed(tr.seed, desc, keep, w, micro, start))
         t_train = time.perf_counter()
         stats = trainer.fit(self.args, desc=desc or "M-step")
         self.stats["train_seconds"] += time.perf_counter() - t_train

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from rich.console import Console
 from rich.markup import escape
 
-from .. import dist, runlog, tracking
+from .. import dist, faults, runlog, tracking
 from ..artifacts import validate_outputs
 from ..backends.factory import default_backend_factory
 from ..errors import EmdpoError, RecipeError
@@ -170,6 +170,7 @@ def _run_stages(plan: Plan, state: RunState, reuse: set[str], sources: dict[str,
         state.mark_done(name, outputs, seconds)
         fingerprints[name] = state.stages[name]["fingerprint"]
         _say(console, f"[bold green]done[/] {escape(name)} in {runlog.duration(seconds)}")
+        faults.point("runner.stage_done")
 
 
 def _say(console: Console, markup: str) -> None:

@@ -56,7 +56,7 @@ from pydantic import Field, field_validator
 from scipy.special import logsumexp
 from tqdm.auto import tqdm
 
-from .. import runlog, tracking
+from .. import faults, runlog, tracking
 from ..algorithms.em import annotator_loglik, comparison_weights, dirichlet_responsibilities, e_step, update_eta
 from ..algorithms.metrics import clustering_scores
 from ..artifacts import Slot
@@ -245,9 +245,12 @@ class _Checkpoint:
         np.save(self.tmp / "comparison_ll.npy", comparison_ll)
         np.save(self.tmp / "passes.npy", passes)
         (self.tmp / "state.json").write_text(json.dumps({**state, "fingerprint": self.fingerprint}))
+        faults.point("em.checkpoint.written")
         if self.root.exists():
             self.root.rename(self.old)
+        faults.point("em.checkpoint.swapping")
         self.tmp.rename(self.root)
+        faults.point("em.checkpoint.swapped")
         shutil.rmtree(self.old, ignore_errors=True)
 
 
@@ -293,6 +296,7 @@ def m_step(backend: Any, policies: list[Any], data: ComparisonSet, weights: np.n
     previous = [copy.deepcopy(p) for p in policies] if guard and exact and prev_ll is not None else None
     fits = executor.fit_many(backend, data, [FitJob(p, weights[:, k], warm, f"{desc} type{k}", schedules[k])
                                              for k, p in enumerate(policies)])
+    faults.point("em.m_step")
     if exact:
         for f in fits:
             f.pop("row_ll", None)
