@@ -109,7 +109,7 @@ def main() -> int:
     ap.add_argument("routing")
     ap.add_argument("--port", type=int, default=18080)
     ap.add_argument("--requests", type=int, default=600, help="sequential requests per side (router, direct)")
-    ap.add_argument("--block", type=int, default=30, help="sequential requests per block")
+    ap.add_argument("--block", type=int, default=15, help="sequential requests per block")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--prompt", default="The movie was")
     ap.add_argument("--concurrency", type=int, default=8, help="clients in flight for the concurrent comparison")

@@ -582,3 +582,29 @@ def test_sigterm_stops_the_router_and_a_live_vllm(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_cpu_placement_options_env_and_defaults(monkeypatch, capsys):
+    from emdpo_plugin.cli import main
+    from emdpo_plugin.errors import EmdpoError
+    from emdpo_plugin.serve.placement import CpuPlacement, parse_cpu_list
+
+    for name in ("VLLM_CPU_NUM_OF_RESERVED_CPU", "GOMP_SPINCOUNT", "VLLM_CPU_OMP_THREADS_BIND"):
+        monkeypatch.delenv(name, raising=False)
+    assert CpuPlacement().vllm_env() == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "GOMP_SPINCOUNT": "10000"}
+    monkeypatch.setenv("GOMP_SPINCOUNT", "500")  # the environment wins over a default ...
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+    assert CpuPlacement().vllm_env()["GOMP_SPINCOUNT"] == "500"
+    assert CpuPlacement().vllm_env()["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
+    placed = CpuPlacement(vllm_cpus="0", vllm_reserved_cpus=1, omp_spincount=7)  # ... an option over both
+    assert placed.vllm_env() == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1", "GOMP_SPINCOUNT": "7",
+                                 "VLLM_CPU_OMP_THREADS_BIND": "0"}
+    assert parse_cpu_list("0-2,5", "--router-cpus") == {0, 1, 2, 5}
+    allowed = min(os.sched_getaffinity(0))
+    assert CpuPlacement(router_cpus=str(allowed)).router_cpu_set() == {allowed}
+    with pytest.raises(EmdpoError, match="--router-cpus: CPUs \\[4096\\] are not available"):
+        CpuPlacement(router_cpus="4096").router_cpu_set()
+    assert main(["serve", "routing.yaml", "--router-cpus", "1-0"]) == 2
+    assert "--router-cpus: expected a CPU list" in capsys.readouterr().err
+    assert main(["serve", "routing.yaml", "--vllm-omp-spincount", "-1"]) == 2
+    assert "--vllm-omp-spincount: expected 0 or more" in capsys.readouterr().err

@@ -70,7 +70,8 @@ def serve(routing_path: str | Path, *, host: str = DEFAULT_HOST, port: int = DEF
             print(f"vLLM healthy after {time.monotonic() - t0:.1f} s; router on http://{host}:{port} "
                   f"(model 'ensemble': {weights}){placement.describe()}", flush=True)
             serving = True
-            uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
+            # no access log and no X-Forwarded-* rewriting: per-request work the router has no use for
+            uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, proxy_headers=False,
                         timeout_graceful_shutdown=10)
         except _Stop:
             if not serving:

@@ -44,13 +44,14 @@ def cpu_only() -> bool:
         return True
 
 
-def cpu_env(kv_cache_gib: int = 1, placement: CpuPlacement = CpuPlacement()) -> dict[str, str]:
-    """vLLM-on-CPU settings measured in host-facts: a small KV cache, and the thread placement
-    (`placement`: by default no reserved core and vLLM's own binding over every core).
+def cpu_env(kv_cache_gib: int = 1, placement: CpuPlacement | None = None) -> dict[str, str]:
+    """vLLM-on-CPU settings measured in host-facts: a small KV cache and no reserved core; for
+    `openrlhf serve`, `placement`'s thread settings as well (`placement.py`).
 
     Values already in the environment win over defaults; `placement`'s options win over both."""
-    return {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib)),
-            **placement.vllm_env()}
+    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib)),
+           "VLLM_CPU_NUM_OF_RESERVED_CPU": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")}
+    return {**env, **placement.vllm_env()} if placement is not None else env
 
 
 def lora_rank(adapter_dir: Path) -> int:
