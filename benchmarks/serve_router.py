@@ -120,6 +120,8 @@ def main() -> int:
                     help="extra option of openrlhf serve, e.g. --serve-arg=--vllm-reserved-cpus=1 (repeatable)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if Path(args.out).exists():
+        raise SystemExit(f"{args.out} exists: results go under a new name, never over an old one")
 
     cfg = load_routing(args.routing)
     names, weights = [a.name for a in cfg.adapters], [a.weight for a in cfg.adapters]
@@ -128,7 +130,9 @@ def main() -> int:
     t0 = time.monotonic()
     proc = subprocess.Popen([OPENRLHF, "serve", args.routing, "--port", str(args.port), "--vllm-port", str(vllm_port),
                              *args.serve_arg], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    res: dict = {"machine": machine(), "routing": args.routing, "weights": dict(zip(names, weights)),
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    res: dict = {"machine": machine(), "commit": commit, "routing": args.routing, "weights": dict(zip(names, weights)),
                  "serve_args": args.serve_arg, "requests_per_side": args.requests, "max_tokens": args.max_tokens}
     try:
         while True:
