@@ -3,11 +3,20 @@
 One invocation starts the real server (vLLM + router), then measures, on the same machine and
 the same warm vLLM: start-up time to healthy, requests/s and latency for sequential
 `/v1/completions` through the router (model `ensemble`) and directly to vLLM (the adapter drawn
-with the same weights client-side), in alternating blocks so drift hits both alike; adapter
+with the same weights client-side), and the same with `--concurrency` clients in flight, each in
+alternating blocks (router, direct, direct, router, ...) so drift hits both alike; adapter
 counts against the weights (z-scores); named-adapter and sticky-user routing; memory (RSS of the
 whole process tree); the 5xx answer time after vLLM is killed; and that SIGTERM leaves no process.
 
-    .venv/bin/python benchmarks/serve_router.py runs/demo/minmax/routing.yaml \
+The headline numbers are `sequential_ratio` and `concurrent<N>_ratio`: the median router block's
+requests/s over the median direct block's. Throughput on a small CPU host comes in phases
+several seconds long that hit both sides (vLLM's spinning OpenMP threads against everything
+else), so one block says little; medians over many alternating blocks do. The CPU time of the
+router process and of vLLM's process tree per request is recorded for the concurrent blocks.
+Placement options of `openrlhf serve` (`--serve-arg=--vllm-reserved-cpus=1`, ...) apply to both
+sides, since both talk to the same vLLM.
+
+    flock /tmp/emdpo-cpu.lock .venv/bin/python benchmarks/serve_router.py runs/demo/minmax/routing.yaml \
         --out benchmarks/results/serve_router_cpu.json
 """
 
@@ -20,6 +29,7 @@ import os
 import platform
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -53,6 +63,27 @@ def timed_requests(client: httpx.Client, url: str, models: list[str], prompt: st
     return latencies, adapters
 
 
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor() or platform.machine())
+    return f"{model}, {os.cpu_count()} CPUs, no GPU"
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def ratio_of_medians(router: list[float], direct: list[float]) -> float:
+    return round(statistics.median(router) / statistics.median(direct), 3)
+
+
 def concurrent_rate(url: str, models: list[str], prompt: str, max_tokens: int, concurrency: int) -> float:
     """Requests/s with `concurrency` clients in flight (asyncio + httpx)."""
     import asyncio
@@ -77,24 +108,32 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("routing")
     ap.add_argument("--port", type=int, default=18080)
-    ap.add_argument("--requests", type=int, default=300, help="per side (router, direct)")
-    ap.add_argument("--block", type=int, default=50)
+    ap.add_argument("--requests", type=int, default=600, help="sequential requests per side (router, direct)")
+    ap.add_argument("--block", type=int, default=15, help="sequential requests per block")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--prompt", default="The movie was")
     ap.add_argument("--concurrency", type=int, default=8, help="clients in flight for the concurrent comparison")
+    ap.add_argument("--conc-requests", type=int, default=100, help="requests per concurrent block")
+    ap.add_argument("--conc-rounds", type=int, default=24,
+                    help="concurrent blocks per side, alternating router/direct")
+    ap.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                    help="extra option of openrlhf serve, e.g. --serve-arg=--vllm-reserved-cpus=1 (repeatable)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if Path(args.out).exists():
+        raise SystemExit(f"{args.out} exists: results go under a new name, never over an old one")
 
     cfg = load_routing(args.routing)
     names, weights = [a.name for a in cfg.adapters], [a.weight for a in cfg.adapters]
     vllm_port = free_port()
     router, vllm = f"http://127.0.0.1:{args.port}", f"http://127.0.0.1:{vllm_port}"
     t0 = time.monotonic()
-    proc = subprocess.Popen([OPENRLHF, "serve", args.routing, "--port", str(args.port), "--vllm-port", str(vllm_port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    res: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, no GPU",
-                 "routing": args.routing, "weights": dict(zip(names, weights)), "requests_per_side": args.requests,
-                 "max_tokens": args.max_tokens}
+    proc = subprocess.Popen([OPENRLHF, "serve", args.routing, "--port", str(args.port), "--vllm-port", str(vllm_port),
+                             *args.serve_arg], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    res: dict = {"machine": machine(), "commit": commit, "routing": args.routing, "weights": dict(zip(names, weights)),
+                 "serve_args": args.serve_arg, "requests_per_side": args.requests, "max_tokens": args.max_tokens}
     try:
         while True:
             if proc.poll() is not None:
@@ -111,16 +150,23 @@ def main() -> int:
         print(f"healthy after {res['startup_s']} s", flush=True)
         rng = random.Random(0)
         lat = {"router": [], "direct": []}
+        blocks = {"router": [], "direct": []}
         adapters = []
         with httpx.Client(timeout=120) as c:
             timed_requests(c, router, ["ensemble"] * 5, args.prompt, args.max_tokens)  # warm both paths
             timed_requests(c, vllm, names, args.prompt, args.max_tokens)
-            for start in range(0, args.requests, args.block):
+            for i, start in enumerate(range(0, args.requests, args.block)):
                 k = min(args.block, args.requests - start)
+                direct_models = rng.choices(names, weights, k=k)
+                if i % 2:  # router, direct, direct, router, ...
+                    l_d, _ = timed_requests(c, vllm, direct_models, args.prompt, args.max_tokens)
                 l_r, a = timed_requests(c, router, ["ensemble"] * k, args.prompt, args.max_tokens)
-                l_d, _ = timed_requests(c, vllm, rng.choices(names, weights, k=k), args.prompt, args.max_tokens)
+                if not i % 2:
+                    l_d, _ = timed_requests(c, vllm, direct_models, args.prompt, args.max_tokens)
                 lat["router"] += l_r
                 lat["direct"] += l_d
+                blocks["router"].append(k / sum(l_r))
+                blocks["direct"].append(k / sum(l_d))
                 adapters += a
                 print(f"{start + k}/{args.requests} router {k / sum(l_r):.2f} req/s, direct {k / sum(l_d):.2f} req/s",
                       flush=True)
@@ -130,18 +176,40 @@ def main() -> int:
                 res[side] = {"req_per_s": round(len(ls) / sum(ls), 3), "p50_ms": round(1000 * ls_sorted[len(ls) // 2], 1),
                              "p95_ms": round(1000 * ls_sorted[int(0.95 * len(ls))], 1)}
             res["router_over_direct_throughput"] = round(res["router"]["req_per_s"] / res["direct"]["req_per_s"], 3)
-            n_conc = min(args.requests, 100)
+            res["sequential_blocks_req_per_s"] = {side: [round(x, 3) for x in v] for side, v in blocks.items()}
+            res["sequential_ratio"] = ratio_of_medians(blocks["router"], blocks["direct"])
+
+            n_conc = args.conc_requests
+            router_pid = [proc.pid]
+            vllm_pids = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
             conc = {"router": [], "direct": []}
-            for _ in range(2):  # alternate, twice each
-                conc["router"].append(concurrent_rate(router, ["ensemble"] * n_conc, args.prompt, args.max_tokens,
-                                                      args.concurrency))
-                conc["direct"].append(concurrent_rate(vllm, rng.choices(names, weights, k=n_conc), args.prompt,
+            cpu_ms = {side: {"router_process": [], "vllm_tree": []} for side in conc}
+            concurrent_rate(router, ["ensemble"] * 20, args.prompt, args.max_tokens, args.concurrency)  # warm
+            concurrent_rate(vllm, names * 10, args.prompt, args.max_tokens, args.concurrency)
+            for i in range(args.conc_rounds):  # router, direct, direct, router, ...
+                for side in (("router", "direct") if i % 2 == 0 else ("direct", "router")):
+                    models = ["ensemble"] * n_conc if side == "router" else rng.choices(names, weights, k=n_conc)
+                    c_r, c_v = cpu_seconds(router_pid), cpu_seconds(vllm_pids)
+                    conc[side].append(concurrent_rate(router if side == "router" else vllm, models, args.prompt,
                                                       args.max_tokens, args.concurrency))
-            res["concurrent"] = {"clients": args.concurrency, "requests_per_try": n_conc,
-                                 **{side: {"req_per_s": round(sum(v) / len(v), 3)} for side, v in conc.items()}}
-            res["concurrent"]["router_over_direct_throughput"] = round(
-                res["concurrent"]["router"]["req_per_s"] / res["concurrent"]["direct"]["req_per_s"], 3)
-            print(f"concurrent x{args.concurrency}: {res['concurrent']}", flush=True)
+                    cpu_ms[side]["router_process"].append(1000 * (cpu_seconds(router_pid) - c_r) / n_conc)
+                    cpu_ms[side]["vllm_tree"].append(1000 * (cpu_seconds(vllm_pids) - c_v) / n_conc)
+                print(f"concurrent round {i + 1}/{args.conc_rounds}: router {conc['router'][-1]:.2f} req/s, "
+                      f"direct {conc['direct'][-1]:.2f} req/s", flush=True)
+            paired = [r / d for r, d in zip(conc["router"], conc["direct"])]
+            res["concurrent"] = {
+                "clients": args.concurrency, "requests_per_block": n_conc, "blocks_per_side": args.conc_rounds,
+                **{side: {"req_per_s_median": round(statistics.median(v), 3), "req_per_s_mean": round(sum(v) / len(v), 3),
+                          "blocks_req_per_s": [round(x, 2) for x in v],
+                          "cpu_ms_per_request_median": {k: round(statistics.median(x), 2)
+                                                        for k, x in cpu_ms[side].items()}}
+                   for side, v in conc.items()},
+                "router_over_direct_throughput": ratio_of_medians(conc["router"], conc["direct"]),
+                "router_over_direct_paired_median": round(statistics.median(paired), 3),
+            }
+            res[f"concurrent{args.concurrency}_ratio"] = res["concurrent"]["router_over_direct_throughput"]
+            print(f"sequential ratio {res['sequential_ratio']}, concurrent x{args.concurrency} ratio "
+                  f"{res[f'concurrent{args.concurrency}_ratio']}", flush=True)
             counts = Counter(adapters)
             n = len(adapters)
             res["adapter_counts"] = {a: counts[a] for a in names}

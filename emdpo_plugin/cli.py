@@ -224,6 +224,7 @@ def add_data(subparsers: Any) -> argparse.ArgumentParser:
 
 def add_serve(subparsers: Any) -> argparse.ArgumentParser:
     from .serve import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_STARTUP_TIMEOUT, RouterLimits
+    from .serve.placement import DEFAULT_OMP_SPINCOUNT, DEFAULT_RESERVED_CPUS
 
     p = subparsers.add_parser(
         "serve", help="serve an exported ensemble on vLLM behind a weighted OpenAI-compatible router",
@@ -251,6 +252,19 @@ def add_serve(subparsers: Any) -> argparse.ArgumentParser:
                              f"bytes); later is 408/504 (default: {d.request_timeout:g})")
     limits.add_argument("--max-stream-seconds", type=float, default=d.max_stream_seconds, metavar="S",
                         help=f"a streamed answer is cut with an error event after S seconds (default: {d.max_stream_seconds:g})")
+    cpus = p.add_argument_group(
+        "CPU placement of vLLM-CPU and the router (docs/serving.md)")
+    cpus.add_argument("--vllm-cpus", metavar="LIST",
+                      help="CPUs for vLLM-CPU's OpenMP threads, e.g. 0-13 (VLLM_CPU_OMP_THREADS_BIND; "
+                           "default: vLLM's auto binding over every core it does not reserve)")
+    cpus.add_argument("--vllm-reserved-cpus", type=int, metavar="N",
+                      help="cores vLLM-CPU's auto binding leaves to other processes "
+                           f"(VLLM_CPU_NUM_OF_RESERVED_CPU; default: {DEFAULT_RESERVED_CPUS})")
+    cpus.add_argument("--vllm-omp-spincount", type=int, metavar="N",
+                      help="turns vLLM-CPU's idle OpenMP threads spin before they sleep (GOMP_SPINCOUNT; "
+                           f"default: {DEFAULT_OMP_SPINCOUNT}, libgomp's own: 300000)")
+    cpus.add_argument("--router-cpus", metavar="LIST",
+                      help="pin the router process to these CPUs, e.g. the reserved ones (default: unpinned)")
     p.add_argument("--log-dir", metavar="DIR", help="vLLM logs (default: serve-logs/ beside ROUTING.yaml)")
     p.set_defaults(func=cmd_serve)
     return p
@@ -272,15 +286,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _port(args.port, "--port")
     _port(args.vllm_port, "--vllm-port")
     _positive(args.startup_timeout, "--startup-timeout")
-    from .serve import RouterLimits, serve
+    from .serve import CpuPlacement, RouterLimits, serve
 
     try:
         limits = RouterLimits(max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout,
                               max_stream_seconds=args.max_stream_seconds, max_json_depth=args.max_json_depth)
     except ValueError as exc:
         raise EmdpoError(str(exc)) from None
+    placement = CpuPlacement(vllm_cpus=args.vllm_cpus, vllm_reserved_cpus=args.vllm_reserved_cpus,
+                             omp_spincount=args.vllm_omp_spincount, router_cpus=args.router_cpus)
+    placement.check()
     return serve(args.routing, host=args.host, port=args.port, vllm_args=args.vllm_args, vllm_port=args.vllm_port,
-                 seed=args.seed, startup_timeout=args.startup_timeout, limits=limits, log_dir=args.log_dir)
+                 seed=args.seed, startup_timeout=args.startup_timeout, limits=limits, log_dir=args.log_dir,
+                 placement=placement)
 
 
 def add_export(subparsers: Any) -> argparse.ArgumentParser:

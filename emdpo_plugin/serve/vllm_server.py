@@ -23,6 +23,7 @@ import httpx
 
 from ..errors import EmdpoError
 from ..export.routing import RoutingConfig, adapter_dirs
+from .placement import CpuPlacement
 
 # vLLM's accepted --max-lora-rank values
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -43,12 +44,14 @@ def cpu_only() -> bool:
         return True
 
 
-def cpu_env(kv_cache_gib: int = 1) -> dict[str, str]:
-    """vLLM-on-CPU settings measured in host-facts: a small KV cache and no reserved core.
+def cpu_env(kv_cache_gib: int = 1, placement: CpuPlacement | None = None) -> dict[str, str]:
+    """vLLM-on-CPU settings measured in host-facts: a small KV cache and no reserved core; for
+    `openrlhf serve`, `placement`'s thread settings as well (`placement.py`).
 
-    Values already in the environment win."""
-    defaults = {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-    return {k: os.environ.get(k, v) for k, v in defaults.items()}
+    Values already in the environment win over defaults; `placement`'s options win over both."""
+    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib)),
+           "VLLM_CPU_NUM_OF_RESERVED_CPU": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")}
+    return {**env, **placement.vllm_env()} if placement is not None else env
 
 
 def lora_rank(adapter_dir: Path) -> int:
@@ -143,12 +146,13 @@ def _signal_group(pgid: int, sig: int) -> None:
 
 
 def plan_servers(routing_path: Path, cfg: RoutingConfig, *, extra_args: list[str], log_dir: Path,
-                 seed: int = 0, port: int | None = None) -> tuple[list[VLLMServer], dict[str, tuple[VLLMServer, str]]]:
+                 seed: int = 0, port: int | None = None, placement: CpuPlacement = CpuPlacement(),
+                 ) -> tuple[list[VLLMServer], dict[str, tuple[VLLMServer, str]]]:
     """The servers to start and, per adapter name, (its server, the model name vLLM knows it by).
 
     `port` fixes the first server's port (benchmarks talk to vLLM directly); others are free ports."""
     dirs = adapter_dirs(routing_path, cfg)
-    env = cpu_env() if cpu_only() else {}
+    env = cpu_env(placement=placement) if cpu_only() else {}
     common = ["--seed", str(seed)] + (["--dtype", "float32"] if cpu_only() else []) + list(extra_args)
     if cfg.adapter_type == "lora":
         rank = max(lora_rank(d) for d in dirs.values())
