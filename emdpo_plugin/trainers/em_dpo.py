@@ -79,8 +79,8 @@ class EMConfig(StageConfig):
     tol: float = Field(0.0, ge=0, description="stop when the log-likelihood gains no more than tol (relative); 0: only "
                                               "at an exact fixed point (gain 0)")
     resp_tol: float = Field(0.01, ge=0, description=(
-        "stop once every annotator keeps its most likely type and no responsibility moved more than resp_tol in an "
-        "iteration (after min_iterations); 0: off"))
+        "stop once every annotator keeps its most likely type and responsibilities moved less than resp_tol on "
+        "average in an iteration (after min_iterations); 0: off"))
     min_iterations: int = Field(2, ge=1, description="iterations run before resp_tol may stop EM")
     min_responsibility: float = Field(0.1, ge=0, lt=1, description=(
         "M-step skips rows whose annotator's responsibility g_ik for the type is below this (the default sits above "
@@ -404,8 +404,10 @@ def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _C
             passes[:, k] = passes[:, k] + trained if warm else trained
         est = e_step(ll, data.annotator_index, data.n_annotators, eta)
         new_resp = est.responsibilities
-        moved, switched = float(np.abs(new_resp - resp).max()), int((new_resp.argmax(1) != resp.argmax(1)).sum())
-        state.setdefault("responsibility_change", []).append({"max": moved, "switched": switched})
+        change = np.abs(new_resp - resp)
+        moved, switched = float(change.mean()), int((new_resp.argmax(1) != resp.argmax(1)).sum())
+        state.setdefault("responsibility_change", []).append({"mean": moved, "max": float(change.max()),
+                                                              "switched": switched})
         stable = cfg.resp_tol > 0 and it + 1 >= cfg.min_iterations and switched == 0 and moved < cfg.resp_tol
         trace = state["log_likelihood"]
         gain = est.log_likelihood - trace[-1] if trace else float("inf")
