@@ -176,6 +176,7 @@ def seed_policies(backend: Any, data: ComparisonSet, ref: np.ndarray, K: int, se
         fit = executor.fit_many(backend, data, [FitJob(policy, mask, False, f"seed type{k}", schedule)])[0]
         passes[:, k] = fit.get("epochs", 0.0) * (mask > 0)
         col, scored = type_loglik(backend, policy, data, ref, executor, fit)
+        scored = int(scored.sum())
         fits.append({**fit, "annotators": int(chosen.sum()), "pairs_scored": scored,
                      **({"annotator": int(np.flatnonzero(chosen)[0])} if mode == "annotator" else {})})
         policies.append(policy)
@@ -256,8 +257,9 @@ class _Checkpoint:
 
 def type_loglik(backend: Any, policy: Any, data: ComparisonSet, ref: np.ndarray, executor: Executor,
                 fit: dict[str, Any] | None = None, prev: np.ndarray | None = None,
-                rescore: np.ndarray | None = None) -> tuple[np.ndarray, int]:
-    """One type's log-likelihood of every comparison, (n,), and how many comparisons were scored.
+                rescore: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One type's log-likelihood of every comparison, (n,), and which comparisons were scored
+    under `policy` just now (a boolean mask).
 
     Rows the fit trained take their value from its training pass (`row_ll`, popped from the
     fit's stats; computed just before the row's own update, so slightly stale), rows in
@@ -269,18 +271,20 @@ def type_loglik(backend: Any, policy: Any, data: ComparisonSet, ref: np.ndarray,
     if row_ll is not None:
         got = np.isfinite(row_ll)
         col[got], need[got] = row_ll[got], False
-    rows = np.flatnonzero(need | np.isnan(col))
-    if len(rows):
-        col[rows] = executor.loglik_many(backend, [policy], data.subset(np.isin(np.arange(len(data)), rows)),
-                                         ref[rows])[:, 0]
-    return col, int(len(rows))
+    need |= np.isnan(col)
+    if need.any():
+        col[need] = executor.loglik_many(backend, [policy], data.subset(need), ref[need])[:, 0]
+    return col, need
 
 
 def m_step(backend: Any, policies: list[Any], data: ComparisonSet, weights: np.ndarray, ref: np.ndarray,
            prev_ll: np.ndarray | None, warm: bool, desc: str, executor: Executor = LOCAL,
            schedules: list[FitSchedule | None] | None = None,
-           rescore: np.ndarray | None = None, guard: bool = True) -> tuple[list[Any], np.ndarray, list[dict[str, Any]]]:
-    """Weighted DPO per type, then each type's log-likelihood of every comparison.
+           rescore: np.ndarray | None = None, guard: bool = True
+           ) -> tuple[list[Any], np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """Weighted DPO per type, then each type's log-likelihood of every comparison; returns
+    (policies, log-likelihoods (n, K), which of them were scored under the final policies (n, K),
+    fit stats).
 
     `rescore` None: every comparison is scored under every new policy. `guard` (with exact
     `prev_ll`, i.e. `estep: exact`): the generalised-EM guard: a type whose new policy lowers its
@@ -301,21 +305,24 @@ def m_step(backend: Any, policies: list[Any], data: ComparisonSet, weights: np.n
         for f in fits:
             f.pop("row_ll", None)
         ll = executor.loglik_many(backend, policies, data, ref)
+        fresh = np.ones(ll.shape, dtype=bool)
         for f in fits:
             f["pairs_scored"] = len(data)
     else:
-        cols = []
+        cols, masks = [], []
         for k, p in enumerate(policies):
-            col, fits[k]["pairs_scored"] = type_loglik(backend, p, data, ref, executor, fits[k],
-                                                       None if prev_ll is None else prev_ll[:, k], rescore[:, k])
+            col, scored = type_loglik(backend, p, data, ref, executor, fits[k],
+                                      None if prev_ll is None else prev_ll[:, k], rescore[:, k])
+            fits[k]["pairs_scored"] = int(scored.sum())
             cols.append(col)
-        ll = np.stack(cols, axis=1)
+            masks.append(scored)
+        ll, fresh = np.stack(cols, axis=1), np.stack(masks, axis=1)
     if previous is not None:
         for k in range(len(policies)):
             if weights[:, k] @ ll[:, k] < weights[:, k] @ prev_ll[:, k]:
                 policies[k], ll[:, k] = previous[k], prev_ll[:, k]
                 fits[k] = {**fits[k], "kept_previous": True}
-    return policies, ll, fits
+    return policies, ll, fresh, fits
 
 
 def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _Checkpoint, desc: str,
@@ -394,7 +401,7 @@ def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _C
         if incremental and it + 1 < cfg.iterations:  # the last allowed iteration scores everything at once
             rescore = resp[data.annotator_index] >= cfg.candidate_floor  # candidate types per annotator,
             rescore[:, it % K] = True  # plus one rotating type re-scored everywhere
-        policies, ll, fits = m_step(backend, policies, data, weights, ref, ll, warm, desc, executor, schedules,
+        policies, ll, fresh, fits = m_step(backend, policies, data, weights, ref, ll, warm, desc, executor, schedules,
                                     rescore, guard=not incremental)
         cost.add_fits(fits)
         for k, f in enumerate(fits):
@@ -414,9 +421,14 @@ def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _C
         converged = stable or abs(gain) <= cfg.tol * abs(est.log_likelihood)
         state["iteration"] += 1
         done = converged or state["iteration"] >= cfg.iterations
-        if done and rescore is not None:  # one fresh full pass: the reported responsibilities and likelihood are exact
-            ll = np.stack([type_loglik(backend, p, data, ref, executor)[0] for p in policies], axis=1)
-            cost.scored += ll.size
+        if done and rescore is not None:
+            # exact from here: every comparison's log-likelihood under the final policies, so the
+            # reported responsibilities and likelihood are exact; rows just scored under them are
+            # kept, the rest (training-pass values, stale types) scored now
+            cols = [type_loglik(backend, p, data, ref, executor, prev=ll[:, k], rescore=~fresh[:, k])[0]
+                    for k, p in enumerate(policies)]
+            cost.scored += int((~fresh).sum())
+            ll = np.stack(cols, axis=1)
             est = e_step(ll, data.annotator_index, data.n_annotators, eta)
         state["final_estep"] = "exact" if done else None
         log_resp = est.log_resp
