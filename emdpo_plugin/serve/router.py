@@ -220,6 +220,4 @@ def build_app(cfg: RoutingConfig, targets: dict[str, Target], *, seed: int = 0,
         else:
             await app(scope, receive, send)
 
-    router.chooser = chooser  # type: ignore[attr-defined]
-    router.fastapi = app  # type: ignore[attr-defined]
     return router
