@@ -207,3 +207,19 @@ def test_checkpoint_swap_survives_what_a_kill_leaves_behind(tmp_path):
     state, policies, _, _ = _Checkpoint(tmp_path / "restarts" / "r0", "fp").load(_FolderBackend())
     assert state["iteration"] == 2 and policies == ["policy 2"]
     assert sorted(p.name for p in (tmp_path / "restarts").iterdir()) == ["r0"]
+
+
+def test_split_seeding_cuts_between_the_modes_not_at_the_mean():
+    """Groups 2:1 (the CPU demo's): the minority explains worse under a type fitted to everyone.
+    A cut at the mean NLL takes in part of the majority; the two-cluster cut takes the minority."""
+    from emdpo_plugin.trainers.em_dpo import worse_explained
+
+    rng = np.random.default_rng(0)
+    majority, minority = rng.normal(0.55, 0.06, 133), rng.normal(0.80, 0.06, 67)
+    nll = np.concatenate([majority, minority])
+    truth = np.arange(200) >= 133
+    at_mean = nll > nll.mean()
+    assert (at_mean & ~truth).sum() >= 10  # what the old cut did
+    chosen = worse_explained(nll, seed=0)
+    assert (chosen != truth).sum() <= 3, ((chosen & ~truth).sum(), (~chosen & truth).sum())
+    assert not worse_explained(np.full(50, 0.69), seed=0).any()  # nobody stands out
