@@ -7,10 +7,11 @@ annotator in log space). The observed log-likelihood is recorded every iteration
 
 Seeding (`init: seeded`): every type would otherwise start at the reference, EM's symmetric
 fixed point. Split seeding: type 0 is fitted to every comparison, each next type to the
-annotators the types so far explain worse (the upper of two 1-D k-means clusters of the mean
-NLL per comparison under the closest type; a cut at the mean took in much of a larger group). Each seeding fit is real training: the backend's from-reference budget (or
-`seed_epochs` passes) at a constant learning rate, since a warm-up can leave a short fit at lr
-0; the backends refuse any fit whose every step would run at lr 0. So symmetry is broken by
+annotators the types so far explain worse (`worse_explained`: the upper of two 1-D k-means
+clusters of the mean NLL per comparison under the closest type). Each seeding fit is real
+training: the backend's from-reference budget (or `seed_epochs` passes) at a constant
+learning rate, since a warm-up can leave a short fit at lr 0; the backends refuse any fit
+whose every step would run at lr 0. So symmetry is broken by
 training, never only by a random adapter initialisation (full fine-tuning has none). Fitting a
 type to one annotator's comparisons (k-means++ style, tried first) does not work on language
 models: 25 comparisons are memorised, not generalised, and the first E-step was no better than
@@ -420,8 +421,8 @@ def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _C
         if incremental and it + 1 < cfg.iterations:  # the last allowed iteration scores everything at once
             rescore = resp[data.annotator_index] >= cfg.candidate_floor  # candidate types per annotator,
             rescore[:, it % K] = True  # plus one rotating type re-scored everywhere
-        policies, ll, fresh, fits = m_step(backend, policies, data, weights, ref, ll, warm, desc, executor, schedules,
-                                    rescore, guard=not incremental)
+        policies, ll, fresh, fits = m_step(backend, policies, data, weights, ref, ll, warm, desc, executor,
+                                           schedules, rescore, guard=not incremental)
         cost.add_fits(fits)
         for k, f in enumerate(fits):
             if f.get("kept_previous"):
