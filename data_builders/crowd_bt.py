@@ -6,7 +6,7 @@ Each annotator belongs to one of a few latent types (drawn with `type_probs`); a
 utility per item, and an annotator shown items i and j picks i with probability
 sigmoid(u_type[i] - u_type[j]) (Bradley-Terry). With one prompt and a few items an LM policy is
 effectively tabular, so a plain mixture of Bradley-Terry models fitted by EM
-(`emdpo_plugin.eval.tabular_bt`) is the yardstick EM-DPO's clustering can be compared with.
+(`emdpo_plugin.algorithms.bt_mixture`) is the yardstick EM-DPO's clustering can be compared with.
 
 The rows carry no `group`: nothing downstream can peek at the truth. `latent_types(config,
 seed)` regenerates each annotator's type for tests only. The test split holds further

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from .errors import EmdpoError
 
-MIRRORED = ("new_policy", "fit", "score", "ref_score", "sample", "load")
+MIRRORED = ("new_policy", "fit", "score", "ref_score", "ref_features", "sample", "load")
 _CONTROL: Any = None  # the gloo group rank 0 broadcasts calls over
 
 
@@ -213,7 +213,11 @@ def _driver_class(base: type, protocols: tuple[type, ...]) -> type:
     def forward(name: str) -> property:
         return property(lambda self: getattr(self._local, name), doc=f"the wrapped backend's `{name}`")
 
-    members = {n: forward(n) for p in protocols for n in protocol_members(p) if not hasattr(base, n)}
+    def mirror(name: str) -> Callable[..., Any]:  # a capability's verb that every rank runs
+        return lambda self, *a, **k: self._call(name, *a, **k)
+
+    members = {n: mirror(n) if n in MIRRORED else forward(n)
+               for p in protocols for n in protocol_members(p) if not hasattr(base, n)}
     names = "+".join(p.__name__ for p in protocols) or "no protocol"
     return type(f"{base.__name__}[{names}]", (base,), {"__module__": base.__module__, **members})
 

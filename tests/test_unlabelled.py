@@ -20,7 +20,7 @@ from data_builders.crowd_bt import build, latent_types
 from emdpo_plugin.algorithms.metrics import clustering_scores
 from emdpo_plugin.data.io import load_dataset_dir
 from emdpo_plugin.data.schema import ComparisonSet
-from emdpo_plugin.eval.tabular_bt import fit_bt_mixture
+from emdpo_plugin.algorithms.bt_mixture import fit_bt_mixture
 
 ROOT = Path(__file__).resolve().parents[1]
 OPENRLHF = str(Path(sys.executable).parent / "openrlhf")

@@ -133,7 +133,17 @@ class SupportsExactRegret(Protocol):
         """`regret(mixture, group)` from the environment the manifest records, or None without one."""
 
 
-CAPABILITIES: tuple[type, ...] = (SupportsExport, SupportsVLLMSampling, SupportsExactExpectation, SupportsExactRegret)
+@runtime_checkable
+class SupportsFeatures(Protocol):
+    """Has a feature vector per response under the reference (an LM's pooled hidden state), so
+    `em_dpo` can start from a linear reward mixture on them (`init: features`)."""
+
+    def ref_features(self, data: ComparisonSet) -> np.ndarray:
+        """(rows, responses, d) reference features of every response, NaN where a row has none."""
+
+
+CAPABILITIES: tuple[type, ...] = (SupportsExport, SupportsVLLMSampling, SupportsExactExpectation, SupportsExactRegret,
+                                  SupportsFeatures)
 
 
 def protocol_members(protocol: type) -> tuple[str, ...]:

@@ -36,6 +36,8 @@ from ..host.optimizer import use_torch_optimizer
 from .base import FitSchedule
 from .ref_cache import ReferenceCache, cache_file
 
+FEATURE_DIM = 256  # `ref_features` width at most: enough for a linear reward mixture, small on disk
+
 
 class LoraSpec(StrictModel):
     """`model.lora`: every type policy is a LoRA adapter on one frozen base (peft)."""
@@ -193,6 +195,9 @@ class OpenRLHFBackend:
                                    "max_len": self.cfg.max_len, "dtype": self.args.ds.param_dtype,
                                    "attn": self.cfg.ds.attn_implementation}
         self.ref_cache = ReferenceCache(cache_file(self.run_dir, self.reference_identity))
+        self.ref_feature_cache = ReferenceCache(
+            cache_file(self.run_dir, {**self.reference_identity, "features": f"mean-last-hidden/{FEATURE_DIM}"},
+                       "features"), ndim=2)
         # counters a stage records (run.json): the reference cache, and where fit/score time goes
         self.stats: dict[str, float] = {"ref_rows_computed": 0, "ref_rows_cached": 0, "ref_seconds": 0.0,
                                         "train_seconds": 0.0, "engine_seconds": 0.0, "score_seconds": 0.0,
@@ -323,8 +328,11 @@ class OpenRLHFBackend:
 
     # --- scoring --------------------------------------------------------------------------
     @torch.no_grad()
-    def _score_active(self, prompts: list[str], responses: list[list[str]], desc: str) -> np.ndarray:
-        """Log-probs under the active weights; under a launcher each rank scores a strided share."""
+    def _score_active(self, prompts: list[str], responses: list[list[str]], desc: str,
+                      features: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Log-probs under the active weights; under a launcher each rank scores a strided share.
+        `features`: also each response's pooled last hidden state (`FEATURE_DIM` at most, see
+        `ref_features`), from the same forward pass: returns (log-probs, features)."""
         from .weighted_dpo import collate_responses, sequence_logps
 
         width = max(len(r) for r in responses)
@@ -338,17 +346,52 @@ class OpenRLHFBackend:
         mine_idx, mine = dist.shard(flat)
         self.module.eval()
         bs = self.cfg.eval_batch_size
-        values: list[float] = []
-        for s in tqdm(range(0, len(mine), bs), desc=desc, leave=False,
-                      disable=len(mine) <= bs or not dist.is_driver()):
-            chunk = mine[s: s + bs]
-            batch, _ = collate_responses([[t] for _, t in chunk], self.tokenizer.pad_token_id)
-            batch.input_ids, batch.attention_mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
-            values.extend(sequence_logps(self.actor, batch)[0].squeeze(1).double().cpu().tolist())
+        values: list[Any] = []
+        hidden: list[torch.Tensor] = []
+        hook = (self.module.get_output_embeddings().register_forward_pre_hook(lambda _m, a: hidden.append(a[0]))
+                if features else None)
+        try:
+            for s in tqdm(range(0, len(mine), bs), desc=desc, leave=False,
+                          disable=len(mine) <= bs or not dist.is_driver()):
+                chunk = mine[s: s + bs]
+                batch, _ = collate_responses([[t] for _, t in chunk], self.tokenizer.pad_token_id)
+                batch.input_ids, batch.attention_mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
+                logps = sequence_logps(self.actor, batch)[0].squeeze(1).double().cpu().tolist()
+                if hook is None:
+                    values.extend(logps)
+                    continue
+                pooled = self._pool(hidden.pop(), batch.attention_mask, batch.prompt_lens)
+                values.extend(zip(logps, pooled))
+        finally:
+            if hook is not None:
+                hook.remove()
+        feats = None
         for (key, _), v in zip(flat, dist.gather(mine_idx, values, len(flat))):
+            if features:
+                v, f = v
+                if feats is None:
+                    feats = np.full((len(prompts), width, len(f)), np.nan, dtype=np.float32)
+                for i, j in where[key]:
+                    feats[i, j] = f
             for i, j in where[key]:
                 out[i, j] = v
-        return out
+        return (out, feats) if features else out
+
+    def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor, prompt_lens: list[int]) -> list[np.ndarray]:
+        """Mean of the last hidden states that predict a sequence's response tokens (positions
+        prompt_len - 1 .. length - 2), projected to `FEATURE_DIM` by a fixed Gaussian map when wider."""
+        h = hidden.float()
+        pos = torch.arange(h.shape[1], device=h.device)[None, :]
+        length = attention_mask.sum(dim=1, keepdim=True)
+        start = torch.tensor(prompt_lens, device=h.device)[:, None] - 1
+        m = ((pos >= start) & (pos < length - 1)).float()
+        pooled = (h * m[..., None]).sum(dim=1) / m.sum(dim=1, keepdim=True).clamp_min(1.0)
+        if pooled.shape[1] > FEATURE_DIM:
+            if getattr(self, "_projection", None) is None:
+                g = torch.Generator().manual_seed(0)
+                self._projection = torch.randn(pooled.shape[1], FEATURE_DIM, generator=g) / FEATURE_DIM ** 0.5
+            pooled = pooled.cpu() @ self._projection
+        return list(pooled.cpu().numpy())
 
     def score(self, policy: LMPolicy | None, prompts: list[str], responses: list[list[str]]) -> np.ndarray:
         if policy is None:
@@ -362,13 +405,31 @@ class OpenRLHFBackend:
         return out
 
     def ref_score(self, data: ComparisonSet) -> np.ndarray:
-        """Reference log-probs, computed once per (prompt, responses) and kept on disk (`ref_cache`)."""
+        """Reference log-probs, computed once per (prompt, responses) and kept on disk (`ref_cache`);
+        the pass that computes them also fills the feature cache (`ref_features`)."""
+        return self._reference_cached(data, self.ref_cache, self.ref_feature_cache, 0)
+
+    def ref_features(self, data: ComparisonSet) -> np.ndarray:
+        """(rows, responses, d) features of every response under the reference model: the mean
+        last hidden state over the positions that predict its tokens, d = hidden size or
+        `FEATURE_DIM` (a fixed random projection) if that is smaller. Kept on disk like the
+        reference log-probs and computed in the same forward pass, so a run that scored the
+        reference has them for free. `em_dpo`'s `init: features` starts from them."""
+        return self._reference_cached(data, self.ref_feature_cache, self.ref_cache, 1)
+
+    def _reference_cached(self, data: ComparisonSet, cache: ReferenceCache, other: ReferenceCache,
+                          part: int) -> np.ndarray:
         t = time.perf_counter()
+        write = dist.is_driver()  # under a launcher rank 0 writes
 
         def compute(rows: list[int]) -> np.ndarray:
-            return self.score(None, [data.prompts[i] for i in rows], [data.responses[i] for i in rows])
+            with self._reference():
+                both = self._score_active([data.prompts[i] for i in rows], [data.responses[i] for i in rows],
+                                          "score reference", features=True)
+            other.put(data, rows, both[1 - part], write=write)
+            return both[part]
 
-        out, computed = self.ref_cache.scores(data, compute, write=dist.is_driver())  # under a launcher rank 0 writes
+        out, computed = cache.scores(data, compute, write=write)
         self.stats["ref_rows_cached"] += len(data) - computed
         if computed:
             self.stats["ref_rows_computed"] += computed

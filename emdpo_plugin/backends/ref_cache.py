@@ -32,21 +32,21 @@ def row_key(prompt: str, responses: list[str]) -> str:
     return digest([str(prompt), [str(r) for r in responses]], length=32)
 
 
-def cache_file(run_dir: Path | None, identity: Any) -> Path | None:
-    """`<run>/cache/ref-logps-<identity hash>.npz`; None without a run folder (nothing on disk)."""
-    return None if run_dir is None else Path(run_dir) / "cache" / f"ref-logps-{digest(identity)}.npz"
+def cache_file(run_dir: Path | None, identity: Any, kind: str = "logps") -> Path | None:
+    """`<run>/cache/ref-<kind>-<identity hash>.npz`; None without a run folder (nothing on disk)."""
+    return None if run_dir is None else Path(run_dir) / "cache" / f"ref-{kind}-{digest(identity)}.npz"
 
 
 class ReferenceCache:
     """The entries of one reference model, loaded from `path` on first use."""
 
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
+    def __init__(self, path: Path | None, ndim: int = 1) -> None:
+        self.path, self.ndim = path, ndim  # ndim of one entry: 1 (log-prob per response), 2 (a vector each)
         self._rows: dict[str, np.ndarray] | None = None
 
     def _entries(self) -> dict[str, np.ndarray]:
         if self._rows is None:
-            self._rows = load_entries(self.path)
+            self._rows = load_entries(self.path, self.ndim)
         return self._rows
 
     def missing(self, data: ComparisonSet) -> list[int]:
@@ -66,24 +66,30 @@ class ReferenceCache:
 
     def scores(self, data: ComparisonSet, compute: Callable[[list[int]], np.ndarray], *,
                write: bool = True) -> tuple[np.ndarray, int]:
-        """(scores (n, max_responses) NaN-padded, rows computed): missing rows are scored by
+        """(scores (n, max_responses, ...) NaN-padded, rows computed): missing rows are scored by
         `compute(row indices)` once per distinct content and saved (atomically) when `write`."""
         keys, rows = self.keys(data), self._entries()
         missing = [i for i, k in enumerate(keys) if k not in rows]
         if missing:
             distinct = list({keys[i]: i for i in missing}.values())
-            computed = compute(distinct)
-            for row, i in enumerate(distinct):
-                rows[keys[i]] = computed[row, : len(data.responses[i])]
-            if write and self.path is not None:
-                save_entries(self.path, rows)
-        out = np.full((len(data), data.max_responses), np.nan)
+            self.put(data, distinct, compute(distinct), write=write)
+        tail = next(iter(rows.values())).shape[1:] if rows else ()
+        out = np.full((len(data), data.max_responses, *tail), np.nan)
         for i, k in enumerate(keys):
             out[i, : len(rows[k])] = rows[k]
         return out, len(missing)
 
+    def put(self, data: ComparisonSet, rows: list[int], values: np.ndarray, *, write: bool = True) -> None:
+        """Enter `values[r]` for row `rows[r]` of `data` (a pass that computed them anyway), and
+        save the file (atomically) when `write`."""
+        entries, keys = self._entries(), self.keys(data)
+        for r, i in enumerate(rows):
+            entries[keys[i]] = np.asarray(values[r, : len(data.responses[i])])
+        if write and self.path is not None:
+            save_entries(self.path, entries)
 
-def load_entries(path: Path | None) -> dict[str, np.ndarray]:
+
+def load_entries(path: Path | None, ndim: int = 1) -> dict[str, np.ndarray]:
     """A cache file's entries; {} when there is none or it is damaged (with a warning)."""
     if path is None or not path.exists():
         return {}
@@ -91,8 +97,8 @@ def load_entries(path: Path | None) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as z:
             rows = {key: np.asarray(z[key]) for key in z.files}
         for key, v in rows.items():
-            if v.ndim != 1 or not np.issubdtype(v.dtype, np.floating) or np.isnan(v).any():
-                raise ValueError(f"entry {key!r} is not a 1-D array of log-probs")
+            if v.ndim != ndim or not np.issubdtype(v.dtype, np.floating) or np.isnan(v).any():
+                raise ValueError(f"entry {key!r} is not a {ndim}-D array of finite scores")
     except _DAMAGED as exc:
         reason = (str(exc).splitlines() or [""])[0]
         warn(f"warning: {path}: damaged reference log-prob cache dropped ({type(exc).__name__}: {reason}); "

@@ -96,13 +96,18 @@ class EMConfig(StageConfig):
         "under every type after every M-step (Algorithm 1 as written), with the generalised-EM guard"))
     candidate_floor: float = Field(1e-3, ge=0, lt=1, description=(
         "estep: incremental: a type re-scores an annotator's rows it did not train only above this responsibility"))
-    init: Literal["seeded", "dirichlet"] = Field("seeded", description=(
-        "symmetry breaking: seeded (trained seeding policies, eta_0 = 1/K: Algorithm 1) or dirichlet (random "
-        "responsibilities); ignored when inputs.init names a clustering stage"))
+    init: Literal["features", "seeded", "dirichlet"] = Field("seeded", description=(
+        "symmetry breaking: features (responsibilities of a linear reward mixture on the reference's features, "
+        "then the type policies fitted to them from the reference, seed_epochs each), seeded (trained seeding "
+        "policies, eta_0 = 1/K: Algorithm 1) or dirichlet (random responsibilities); ignored when inputs.init "
+        "names a clustering stage"))
     seeding: Literal["split", "annotator"] = Field("split", description=(
         "init: seeded: split (type 0 on everyone, next types on the worse-explained annotators; for LMs) or "
         "annotator (likelihood k-means++ over single annotators; for small tabular policies such as the bandit)"))
-    seed_epochs: float | None = Field(None, gt=0, description="passes of each seeding fit (default: the backend's from-reference budget, model.train.max_epochs or the bandit's epochs), always at a constant learning rate")
+    seed_epochs: float | None = Field(None, gt=0, description=(
+        "passes of each fit that creates a type policy from the reference (seeding fits; init: features, the first "
+        "M-step) (default: the backend's from-reference budget, model.train.max_epochs or the bandit's epochs), "
+        "always at a constant learning rate"))
     init_smoothing: float = Field(0.1, ge=0, lt=1, description="inputs.init: hard assignments g become (1-s) g + s/K")
     init_concentration: float = Field(1.0, gt=0, description="Dirichlet concentration (init: dirichlet)")
     warm_start: bool = Field(True, description="M-steps continue from the previous policies (warm_epochs); false: each M-step refits from the reference for max_epochs (the dpo baseline's budget per final policy)")
@@ -202,6 +207,31 @@ def seed_policies(backend: Any, data: ComparisonSet, ref: np.ndarray, K: int, se
         policies.append(policy)
         cols.append(col)
     return policies, np.stack(cols, axis=1), passes, fits
+
+
+def feature_start(backend: Any, data: ComparisonSet, K: int, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """Responsibilities (annotators, K) of a K-type mixture of linear Bradley-Terry rewards on the
+    reference's response features (`algorithms.bt_mixture`), and what it found.
+
+    Why: a policy a few DPO steps from the reference moves its log-probs roughly linearly in
+    these features, so the mixture sees the annotator types EM-DPO is after, for the cost of a
+    logistic regression instead of trained seeding fits (the features come from the reference's
+    forward pass, which every run makes anyway). Measured on the CPU demo's data (tiny LM, 64-d
+    features): ARI 0.90 with the true groups from every one of 5 Dirichlet starts."""
+    from ..algorithms.bt_mixture import fit_linear_bt_mixture
+    from ..backends.base import SupportsFeatures
+
+    if not isinstance(backend, SupportsFeatures):
+        raise RecipeError(f"em_dpo init: features needs a backend with reference features (the openrlhf "
+                          f"backend); {type(backend).__name__} has none: use init: seeded")
+    t = time.perf_counter()
+    feats = backend.ref_features(data)
+    mix = fit_linear_bt_mixture(feats, data.rankings, data.response_mask, data.annotator_index,
+                                data.n_annotators, K, seed=seed, restarts=2, tol=1e-5)
+    return mix.responsibilities, {"log_likelihood": mix.log_likelihood, "eta": mix.eta.tolist(),
+                                  "iterations": len(mix.trace), "dim": int(feats.shape[-1]),
+                                  "mean_max_responsibility": float(mix.responsibilities.max(1).mean()),
+                                  "seconds": round(time.perf_counter() - t, 3)}
 
 
 def epochs_seen(passes: np.ndarray, log_resp: np.ndarray, annotator_index: np.ndarray) -> list[float]:
@@ -397,6 +427,11 @@ def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _C
             state["start"] = "seeded"
             state["seeding"] = {"epochs": cfg.seed_epochs, "fits": seed_fits,
                                 "mean_max_responsibility": float(np.exp(log_resp).max(1).mean())}
+        elif cfg.init == "features":  # type policies fitted from the reference to these responsibilities
+            policies = [backend.new_policy(seed + 1000 * k) for k in range(K)]
+            resp, state["feature_start"] = feature_start(backend, data, K, seed)
+            log_resp = np.log(np.clip(resp, 1e-300, None))
+            state["start"] = "features"
         else:
             policies = [backend.new_policy(seed + 1000 * k) for k in range(K)]
             log_resp = np.log(dirichlet_responsibilities(data.n_annotators, K, seed, cfg.init_concentration))
@@ -404,6 +439,8 @@ def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _C
     bar = tqdm(total=cfg.iterations, initial=state["iteration"], desc=desc, leave=False)
     groups = data.annotator_groups()
     groups = groups if groups and all(g is not None for g in groups) else None
+    if groups is not None and "feature_start" in state and state["iteration"] == 0:
+        state["feature_start"]["ari"] = clustering_scores(groups, log_resp.argmax(1))["ari"]
     if state["iteration"] == 0 and "seeding" in state:
         cost.add_fits(state["seeding"]["fits"])
     started, first_iteration = time.perf_counter(), state["iteration"]
@@ -413,10 +450,16 @@ def run_em(backend: Any, data: ComparisonSet, cfg: EMConfig, seed: int, ckpt: _C
         resp = np.exp(log_resp)
         weights = comparison_weights(resp, data.annotator_index, cfg.min_responsibility)
         warm = cfg.warm_start and (it > 0 or seeded or from_policies)
+        # the first M-step of a feature start creates the type policies, as seeding fits would
+        creates = cfg.warm_start and it == 0 and state.get("start") == "features"
         # each iteration and type its own row order: a fraction of an epoch sees new rows, and a
         # resumed run the same rows as an uninterrupted one
-        schedules = [FitSchedule(epochs=cfg.warm_epochs if warm else None, order_seed=seed + 1000 * k + 7919 * (it + 1),
-                                 return_row_ll=incremental) for k in range(K)]
+        # training-pass log-likelihoods stand in for the final policy's only after a warm fit: a fit
+        # from the reference scored its early rows near the reference (measured on the CPU demo with
+        # a feature start: ARI 0.88 -> 0.82 after M-step 0 with them), so its rows are scored afresh
+        schedules = [FitSchedule(epochs=cfg.warm_epochs if warm else cfg.seed_epochs if creates else None,
+                                 constant_lr=creates, order_seed=seed + 1000 * k + 7919 * (it + 1),
+                                 return_row_ll=incremental and warm) for k in range(K)]
         rescore = None
         if incremental and it + 1 < cfg.iterations:  # the last allowed iteration scores everything at once
             rescore = resp[data.annotator_index] >= cfg.candidate_floor  # candidate types per annotator,
