@@ -133,6 +133,33 @@ def test_reference_logps_are_cached_on_disk(tiny_model, tmp_path):
     assert third.stats["ref_rows_computed"] == 16 and len(list((tmp_path / "cache").glob("ref-logps-*.npz"))) == 2
 
 
+@pytest.mark.parametrize("lora", [0, 8])
+def test_reference_features_come_from_the_reference_pass_and_are_cached(tiny_model, tmp_path, lora):
+    data = _pairs(16)
+    be = _backend(tiny_model, tmp_path, lora={"rank": lora})
+    be.ref_score(data)
+    computed = be.stats["ref_rows_computed"]
+    feats = be.ref_features(data)  # filled by the log-prob pass: nothing scored again
+    assert be.stats["ref_rows_computed"] == computed == 16
+    hidden = be.module.get_output_embeddings().in_features
+    assert feats.shape == (16, 2, min(hidden, 256)) and np.isfinite(feats).all()
+    # rows 0 and 8: the same prompt and responses, the same features; the two responses differ
+    assert data.rows[0].prompt == data.rows[8].prompt and data.rows[0].responses == data.rows[8].responses
+    np.testing.assert_allclose(feats[0], feats[8], rtol=1e-6)
+    assert np.abs(feats[0, 0] - feats[0, 1]).max() > 1e-3
+    # a trained policy does not change them (they are the reference's), and a new backend reads the file
+    policy = be.new_policy(1)
+    be.fit(policy, data, np.ones(len(data)), warm=False)
+    again = _backend(tiny_model, tmp_path, lora={"rank": lora})
+    np.testing.assert_allclose(again.ref_features(data), feats, rtol=1e-6)
+    assert again.stats["ref_rows_computed"] == 0 and len(list((tmp_path / "cache").glob("ref-features-*.npz"))) == 1
+    # features first: the log-probs come from that same pass
+    third = _backend(tiny_model, tmp_path / "other", lora={"rank": lora})
+    np.testing.assert_allclose(third.ref_features(data), feats, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(third.ref_score(data), be.ref_score(data), atol=1e-5)
+    assert third.stats["ref_rows_computed"] == 16
+
+
 def test_damaged_reference_cache_is_scored_again_with_a_warning(tiny_model, tmp_path, caplog):
     from emdpo_plugin.backends.ref_cache import load_entries
 
