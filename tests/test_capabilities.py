@@ -12,10 +12,10 @@ import pytest
 
 from emdpo_plugin.backends.bandit import BanditBackend
 from emdpo_plugin.backends.base import (CAPABILITIES, PolicyBackend, SupportsExactExpectation, SupportsExactRegret,
-                                        SupportsExport, SupportsVLLMSampling, protocol_members)
+                                        SupportsExport, SupportsFeatures, SupportsVLLMSampling, protocol_members)
 from emdpo_plugin.cli import main
 from emdpo_plugin.data.manifest import read_manifest
-from emdpo_plugin.dist import DriverBackend
+from emdpo_plugin.dist import MIRRORED, DriverBackend
 
 PROTOCOLS = (PolicyBackend, *CAPABILITIES)
 
@@ -39,7 +39,7 @@ def _vllm_only():
 
 CASES = {
     "bandit": (BanditBackend, {PolicyBackend, SupportsExactExpectation, SupportsExactRegret}),
-    "openrlhf": (_openrlhf_backend, {PolicyBackend, SupportsExport, SupportsVLLMSampling}),
+    "openrlhf": (_openrlhf_backend, {PolicyBackend, SupportsExport, SupportsVLLMSampling, SupportsFeatures}),
     "vllm_only": (_vllm_only, {SupportsVLLMSampling}),
 }
 
@@ -67,7 +67,10 @@ def test_driver_backend_shows_the_wrapped_backends_capabilities(name):
             assert found == (proto in expected or hasattr(DriverBackend, member)), (proto.__name__, member)
     for proto in expected - {PolicyBackend}:  # forwarded members are the wrapped backend's
         for member in protocol_members(proto):
-            assert getattr(driver, member) == getattr(inner, member)
+            if member in MIRRORED:  # a verb every rank runs: goes through the driver's broadcast
+                assert callable(getattr(driver, member)) and getattr(driver, member) != getattr(inner, member)
+            else:
+                assert getattr(driver, member) == getattr(inner, member)
     assert type(DriverBackend(make())) is type(driver)  # one class per set of capabilities
 
 

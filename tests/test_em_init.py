@@ -16,7 +16,7 @@ from emdpo_plugin.backends.base import FitSchedule
 from emdpo_plugin.data.io import write_dataset_dir
 from emdpo_plugin.data.manifest import build_manifest
 from emdpo_plugin.data.schema import Comparison, ComparisonSet
-from emdpo_plugin.errors import EmdpoError
+from emdpo_plugin.errors import EmdpoError, RecipeError
 from emdpo_plugin.trainers.base import StageContext
 from emdpo_plugin.trainers.em_dpo import EMConfig, EMDPOStage, _Checkpoint, heldout_split, run_em
 
@@ -100,6 +100,35 @@ def test_seeded_em_separates_tastes_with_full_fine_tuning(tiny_model, tmp_path):
     assert clustering_scores(data.annotator_groups(), resp.argmax(1))["ari"] == pytest.approx(1.0)
     # budget: one seeding pass plus one warm M-step pass over each type's own rows
     assert state["epochs_seen"] == pytest.approx([2.0, 2.0], abs=0.01)
+
+
+def test_feature_start_fits_the_types_to_a_linear_reward_mixture(tiny_model, tmp_path):
+    """init: features: the start's responsibilities already separate the tastes, the first M-step
+    creates the type policies from the reference (seed_epochs at a constant lr, no seeding fits)."""
+    data = _two_tastes(9, 6)
+    be = _lm(tiny_model, tmp_path, micro_batch_size=6, batch_size=6, lr_warmup_steps=150)
+    cfg = EMConfig(K=2, iterations=2, init="features", seed_epochs=1.0, warm_epochs=0.5)
+    state, policies = run_em(be, data, cfg, seed=0, ckpt=_Checkpoint(tmp_path / "ck", "fp"), desc="em")
+    start = state["feature_start"]
+    assert state["start"] == "features" and "seeding" not in state
+    assert start["ari"] == pytest.approx(1.0) and start["mean_max_responsibility"] > 0.9
+    assert start["dim"] == be.module.get_output_embeddings().in_features
+    first, second = state["fit"]
+    for fit in first:  # created from the reference: seed_epochs, constant lr although warm-up outlasts it
+        assert fit["epochs"] == pytest.approx(1.0, abs=0.01) and fit["lr"]["scheduler"] == "constant"
+        assert fit["lr"]["zero_steps"] == 0
+    assert all(0.4 <= f["epochs"] <= 0.75 for f in second), second  # half its rows, in whole optimiser steps
+    resp = np.exp(np.array(state["log_resp"]))
+    assert clustering_scores(data.annotator_groups(), resp.argmax(1))["ari"] == pytest.approx(1.0)
+    assert state["final_estep"] == "exact"
+    assert state["epochs_seen"] == pytest.approx([1 + f["epochs"] for f in second], abs=0.01)
+
+
+def test_feature_start_needs_a_backend_with_features(tmp_path):
+    data = _two_tastes(6, 4)
+    with pytest.raises(RecipeError, match="init: features needs a backend with reference features.*use init: seeded"):
+        run_em(BanditBackend({"epochs": 5}, seed=0), data, EMConfig(K=2, init="features"), seed=0,
+               ckpt=_Checkpoint(tmp_path / "ck", "fp"), desc="em")
 
 
 def test_every_m_step_of_a_warmup_schedule_trains(tiny_model, tmp_path):

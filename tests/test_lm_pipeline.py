@@ -53,7 +53,7 @@ def test_cpu_recipe_runs_every_stage_and_exports(tmp_path):
     acc.Reload()
     assert [e.step for e in acc.Scalars("em/log_likelihood")] == [1, 2]
     loss = [e.step for e in acc.Scalars("em/train/loss")]
-    assert loss == list(range(1, len(loss) + 1)) and len(loss) >= 6  # 2 seeding fits + 2 x 2 M-steps, >= 1 step each
+    assert loss == list(range(1, len(loss) + 1)) and len(loss) >= 4  # 2 x 2 M-steps (feature start), >= 1 step each
     assert len(acc.Scalars("em/train/lr")) == len(loss)
     assert len(acc.Scalars("dpo/train/loss")) >= 1
     m = json.loads((out / "report" / "metrics.json").read_text())
@@ -62,6 +62,7 @@ def test_cpu_recipe_runs_every_stage_and_exports(tmp_path):
         c = m["clustering"][stage]
         assert -1 <= c["ari"] <= 1 and len(c["eta"]) == 2 and set(c["type_to_group"]) <= {"sentiment", "grammar"}
     assert len(m["clustering"]["em"]["log_likelihood"]) == 2
+    assert json.loads((out / "em" / "clustering.json").read_text())["start"] == "features"
     for name in ("dpo", "em/type0", "em/type1", "kmeans/type0", "minmax/ensemble", "minmax_w14/ensemble",
                  "oracle/grammar", "oracle/sentiment"):
         for g, v in m["policies"][name]["per_group"].items():
