@@ -63,3 +63,28 @@ def dirichlet_responsibilities(n_annotators: int, k: int, seed: int, concentrati
     """Seeded random soft assignments: breaks the symmetric fixed point of EM."""
     rng = np.random.default_rng(seed)
     return rng.dirichlet(np.full(k, concentration), size=n_annotators)
+
+
+def sample_by_responsibility(weights: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """A fractional M-step's rows for one type: row j kept with probability `p_j = min(1, c w_j)`,
+    `c` set so that `sum_j p_j = fraction * sum_j w_j`, and given weight `w_j / p_j`.
+
+    Why: a fraction of an epoch over the rows above `min_responsibility` costs as many rows as
+    the annotators who might belong to the type, so soft responsibilities (K above the number of
+    real groups) double the M-step. Sampled by responsibility, a type trains `fraction` times its
+    data mass `sum_j w_j` whatever the spread, all types together `fraction` x rows, and the
+    weighted objective stays unbiased (Horvitz-Thompson weights; with w near 1 it is a uniform
+    share at weight 1). Returns the new weights (0: not drawn)."""
+    w = np.asarray(weights, dtype=np.float64)
+    target = fraction * w.sum()
+    if fraction >= 1 or target <= 0:
+        return w.copy()
+    lo, hi = 0.0, 1.0 / w[w > 0].min()  # sum_j min(1, c w_j) is increasing in c; hi keeps every row
+    for _ in range(60):
+        c = 0.5 * (lo + hi)
+        lo, hi = (c, hi) if np.minimum(1.0, c * w).sum() < target else (lo, c)
+    p = np.minimum(1.0, hi * w)
+    drawn = (rng.random(len(w)) < p) & (p > 0)
+    if not drawn.any():  # a type with little mass still trains a row
+        drawn[rng.choice(len(w), p=w / w.sum())] = True
+    return np.where(drawn, w / np.where(p > 0, p, 1.0), 0.0)
