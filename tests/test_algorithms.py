@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from emdpo_plugin.algorithms.em import comparison_weights, dirichlet_responsibilities, e_step, update_eta
+from emdpo_plugin.algorithms.em import (comparison_weights, dirichlet_responsibilities, e_step,
+                                        sample_by_responsibility, update_eta)
 from emdpo_plugin.algorithms.likelihood import comparison_loglik, plackett_luce_loglik
 from emdpo_plugin.algorithms.metrics import clustering_scores, match_types_to_groups, preference_metrics
 from emdpo_plugin.algorithms.minmax import game_value_lp, optimistic_hedge, regret_matrix
@@ -173,3 +174,17 @@ def test_preference_metrics_on_top_pair():
     rewards = np.array([[1.0, 0.0, 5.0], [0.0, 2.0, 0.0]])
     m = preference_metrics(rewards, np.array([[0, 1, 2], [0, 1, -1]]))
     assert m["accuracy"] == 0.5 and m["margin"] == pytest.approx((1.0 - 2.0) / 2)
+
+
+def test_sampling_by_responsibility_trains_a_fraction_of_the_mass_without_bias():
+    w = np.r_[np.ones(3000), np.full(2000, 0.2), np.zeros(1000)]  # sure rows, doubtful rows, none
+    rng = np.random.default_rng(0)
+    draws = np.stack([sample_by_responsibility(w, 0.5, rng) for _ in range(200)])
+    kept = draws > 0
+    assert kept[:, 5000:].sum() == 0  # a row of weight 0 is never drawn
+    assert kept.sum(1).mean() == pytest.approx(0.5 * w.sum(), rel=0.02)  # fraction x data mass, not x rows
+    assert draws.sum(1).mean() == pytest.approx(w.sum(), rel=0.01)  # unbiased: the weighted mass is kept
+    assert kept[:, :3000].mean() == pytest.approx(kept[:, 3000:5000].mean() * 5, rel=0.05)  # p proportional to w
+    np.testing.assert_array_equal(sample_by_responsibility(w, 1.0, rng), w)  # whole epochs: no draw
+    tiny = np.r_[0.05, np.zeros(9)]
+    assert (sample_by_responsibility(tiny, 0.5, rng) > 0).sum() == 1  # a type with little mass still trains a row
