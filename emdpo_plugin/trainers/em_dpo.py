@@ -24,8 +24,8 @@ linear Bradley-Terry rewards on the reference model's pooled last hidden states 
 type policy fitted to them from the reference (`seed_epochs` at a constant lr: the group-wise
 starting policies Algorithm 1 takes as input), and EM proper from its first E-step. It replaces
 K seeding fits and their scoring passes with a logistic regression, and the start no longer
-depends on where a split falls: on the CPU demo's data EM reached ARI >= 0.94 in two iterations
-on seeds 0, 3 and 4, at about 2x one DPO epoch (the seeded start: 4.3x, 3 iterations).
+depends on where a split falls: on the CPU demo's data EM reached ARI >= 0.96 in two iterations
+on seeds 0, 3 and 4, at 1.65x one DPO epoch (the seeded start: 4.3x, 3 iterations).
 
 Departure (opt-in): `inputs: {init: <clustering stage>}` starts from another stage's hard
 assignments instead, which makes EM depend on that baseline. When that stage trained one policy
