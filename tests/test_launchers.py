@@ -22,7 +22,7 @@ from emdpo_plugin.errors import EmdpoError
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SMALL = ["data.config.users=24", "data.config.pairs_per_user=6", "data.config.test_size=8",
-         "data.config.val_size=8", "stages.sft.config.sft_steps=20", "stages.sft.config.max_texts=300",
+         "data.config.val_size=8", "stages.sft.config.sft_steps=20", "model.train.lr_warmup_steps=0", "stages.sft.config.max_texts=300",
          "stages.em.config.iterations=2", "stages.minmax.config.prompts=8", "stages.minmax.config.steps=2000",
          "stages.minmax_w14.config.prompts=8", "stages.minmax_kmeans.config.prompts=8",
          "stages.report.config.regret_prompts=8", "model.generation.max_new_tokens=8"]
