@@ -172,6 +172,13 @@ def test_damaged_reference_cache_is_scored_again_with_a_warning(tiny_model, tmp_
         np.testing.assert_allclose(again.ref_score(data), ref, rtol=1e-6)
     assert again.stats["ref_rows_computed"] == 8 and "damaged reference log-prob cache dropped" in caplog.text
     assert len(load_entries(cache)) == 8  # written whole again
+    (feats,) = (tmp_path / "cache").glob("ref-features-*.npz")  # the feature cache likewise
+    good = again.ref_features(data)
+    feats.write_bytes(feats.read_bytes()[: feats.stat().st_size // 2])
+    third = _backend(tiny_model, tmp_path)
+    with caplog.at_level("WARNING", logger="emdpo_plugin"):
+        np.testing.assert_allclose(third.ref_features(data), good, rtol=1e-5, atol=1e-6)
+    assert third.stats["ref_rows_computed"] == 8 and "damaged reference feature cache dropped" in caplog.text
 
 
 def test_sample_returns_n_completions_per_prompt(tiny_model, tmp_path):

@@ -101,7 +101,8 @@ def load_entries(path: Path | None, ndim: int = 1) -> dict[str, np.ndarray]:
                 raise ValueError(f"entry {key!r} is not a {ndim}-D array of finite scores")
     except _DAMAGED as exc:
         reason = (str(exc).splitlines() or [""])[0]
-        warn(f"warning: {path}: damaged reference log-prob cache dropped ({type(exc).__name__}: {reason}); "
+        what = "log-prob" if ndim == 1 else "feature"
+        warn(f"warning: {path}: damaged reference {what} cache dropped ({type(exc).__name__}: {reason}); "
              "its rows are scored again")
         return {}
     return rows
