@@ -198,6 +198,7 @@ class OpenRLHFBackend:
         self.ref_feature_cache = ReferenceCache(
             cache_file(self.run_dir, {**self.reference_identity, "features": f"mean-last-hidden/{FEATURE_DIM}"},
                        "features"), ndim=2)
+        self._projection: torch.Tensor | None = None  # `_pool`'s fixed map to FEATURE_DIM, drawn on first use
         # counters a stage records (run.json): the reference cache, and where fit/score time goes
         self.stats: dict[str, float] = {"ref_rows_computed": 0, "ref_rows_cached": 0, "ref_seconds": 0.0,
                                         "train_seconds": 0.0, "engine_seconds": 0.0, "score_seconds": 0.0,
@@ -387,7 +388,7 @@ class OpenRLHFBackend:
         m = ((pos >= start) & (pos < length - 1)).float()
         pooled = (h * m[..., None]).sum(dim=1) / m.sum(dim=1, keepdim=True).clamp_min(1.0)
         if pooled.shape[1] > FEATURE_DIM:
-            if getattr(self, "_projection", None) is None:
+            if self._projection is None:
                 g = torch.Generator().manual_seed(0)
                 self._projection = torch.randn(pooled.shape[1], FEATURE_DIM, generator=g) / FEATURE_DIM ** 0.5
             pooled = pooled.cpu() @ self._projection
