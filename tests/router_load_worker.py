@@ -4,8 +4,10 @@
     router_load_worker.py router URL           the router in front of URL, tracing its allocations;
                                                GET /_memory answers {"traced": bytes, "rss": bytes}
                                                after a full garbage collection
-    router_load_worker.py serve ROUTING PORT   `openrlhf serve`'s serve(), with the fake vLLM
-                                               started in vLLM's place (its own process group)
+    router_load_worker.py serve ROUTING PORT [MODE]
+                                               `openrlhf serve`'s serve() (--router MODE), with the
+                                               fake vLLM started in vLLM's place (its own process
+                                               group; with the middleware when serve asks for it)
 
 upstream and router bind a free loopback port (or PORT) and print it as their first line."""
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import socket
 import sys
 import tracemalloc
@@ -38,19 +41,21 @@ def memory_probe(app):
     return probed
 
 
-def main(role: str, arg: str | None = None, port: str | None = None) -> None:
+def main(role: str, arg: str | None = None, port: str | None = None, mode: str = "auto") -> None:
     if role == "serve":
         from emdpo_plugin.serve import serve
         from emdpo_plugin.serve.vllm_server import VLLMServer
 
         VLLMServer.command = lambda self: [sys.executable, __file__, "upstream", str(self.port)]
-        sys.exit(serve(arg, port=int(port), startup_timeout=60))
+        sys.exit(serve(arg, port=int(port), startup_timeout=60, router=mode))
     upstream = arg
     if role == "router":
         tracemalloc.start()
         app = memory_probe(build_app(routing(), {n: Target(upstream, n) for n in WEIGHTS}))
     else:
-        app = fake_vllm()
+        from emdpo_plugin.serve.in_vllm import ENV, MixtureMiddleware
+
+        app = MixtureMiddleware(fake_vllm()) if ENV in os.environ else fake_vllm()
     sock = socket.socket()
     sock.bind(("127.0.0.1", int(arg) if role == "upstream" and arg else 0))
     print(sock.getsockname()[1], flush=True)

@@ -1,5 +1,6 @@
-"""The weighted router against a fake vLLM (an ASGI app on a loopback port): routing, stickiness,
-errors, metrics.
+"""Both ways of routing the mixture against a fake vLLM: the proxy router (a separate app talking
+to the fake on a loopback port) and the middleware inside vLLM's server (wrapping the fake app).
+Routing, stickiness, errors, limits and metrics must be the same in both.
 
 The real vLLM end-to-end test is tests/test_serve_vllm.py (slow)."""
 
@@ -24,14 +25,17 @@ import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.testclient import TestClient
 
 from emdpo_plugin.export.routing import AdapterEntry, RoutingConfig
+from emdpo_plugin.serve.in_vllm import MixtureMiddleware, middleware_env
 from emdpo_plugin.serve.limits import RouterLimits
-from emdpo_plugin.serve.router import AdapterChooser, Target, build_app
+from emdpo_plugin.serve.mixture import AdapterChooser
+from emdpo_plugin.serve.router import Target, build_app
 
 WEIGHTS = {"type0": 0.3, "type1": 0.7}
+MODES = ["proxy", "in-vllm"]
 
 
 def fake_vllm() -> FastAPI:
@@ -57,6 +61,16 @@ def fake_vllm() -> FastAPI:
     @app.get("/health")
     async def health():
         return JSONResponse({})
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": "base", "object": "model", "max_model_len": 64},
+                                           *({"id": n, "object": "model", "parent": "base", "max_model_len": 64}
+                                             for n in WEIGHTS)]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse("vllm:num_requests_running 0.0\n")
 
     return app
 
@@ -86,18 +100,37 @@ def served(app: FastAPI) -> Iterator[str]:
         sock.close()
 
 
+def in_vllm(upstream: FastAPI, weights=WEIGHTS, seed: int = 0, limits: RouterLimits = RouterLimits()):
+    """`upstream` as vLLM would load it with the middleware: wrapped, the mixture in the environment."""
+    env = middleware_env(routing(weights), seed, limits)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return MixtureMiddleware(upstream)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
 @contextmanager
 def client_for(upstream: FastAPI | None = None, alive: bool = True, weights=WEIGHTS, seed: int = 0,
-               limits: RouterLimits = RouterLimits()) -> Iterator[TestClient]:
-    """The router (in-process) in front of `upstream` (default: the fake vLLM) on a loopback port."""
-    with served(upstream or fake_vllm()) as url:
+               limits: RouterLimits = RouterLimits(), mode: str = "proxy") -> Iterator[TestClient]:
+    """`mode` "proxy": the router in front of `upstream` (default: the fake vLLM) on a loopback
+    port; "in-vllm": `upstream` with the middleware inside it."""
+    upstream = upstream or fake_vllm()
+    if mode == "in-vllm":
+        with TestClient(in_vllm(upstream, weights, seed, limits)) as c:
+            yield c
+        return
+    with served(upstream) as url:
         targets = {n: Target(url, n, lambda: alive) for n in weights}
         with TestClient(build_app(routing(weights), targets, seed=seed, limits=limits)) as c:
             yield c
 
 
-def test_ensemble_requests_follow_the_weights():
-    with client_for() as c:
+@pytest.mark.parametrize("mode", MODES)
+def test_ensemble_requests_follow_the_weights(mode):
+    with client_for(mode=mode) as c:
         counts = Counter()
         n = 400
         for _ in range(n):
@@ -110,8 +143,9 @@ def test_ensemble_requests_follow_the_weights():
     assert abs(counts["type0"] - 0.3 * n) < 4 * sd, counts
 
 
-def test_named_adapter_goes_to_it_and_unknown_model_is_404():
-    with client_for() as c:
+@pytest.mark.parametrize("mode", MODES)
+def test_named_adapter_goes_to_it_and_unknown_model_is_404(mode):
+    with client_for(mode=mode) as c:
         for _ in range(20):
             r = c.post("/v1/completions", json={"model": "type0", "prompt": "x"})
             assert r.headers["x-emdpo-adapter"] == "type0" and r.json()["model"] == "type0"
@@ -120,8 +154,9 @@ def test_named_adapter_goes_to_it_and_unknown_model_is_404():
         assert "gpt-4" in r.json()["error"]["message"] and "ensemble" in r.json()["error"]["message"]
 
 
-def test_same_user_same_adapter_and_users_spread_by_weight():
-    with client_for() as c:
+@pytest.mark.parametrize("mode", MODES)
+def test_same_user_same_adapter_and_users_spread_by_weight(mode):
+    with client_for(mode=mode) as c:
         by_user = {}
         for u in range(200):
             names = {c.post("/v1/completions", json={"model": "ensemble", "prompt": "x", "user": f"u{u}"})
@@ -141,8 +176,9 @@ def test_zero_weight_adapter_is_never_sampled():
     assert "b" not in {chooser.choose(f"user{i}") for i in range(2000)}
 
 
-def test_streaming_and_chat_pass_through():
-    with client_for() as c:
+@pytest.mark.parametrize("mode", MODES)
+def test_streaming_and_chat_pass_through(mode):
+    with client_for(mode=mode) as c:
         with c.stream("POST", "/v1/completions", json={"model": "type1", "prompt": "x", "stream": True}) as r:
             assert r.status_code == 200 and r.headers["x-emdpo-adapter"] == "type1"
             assert r.headers["content-type"].startswith("text/event-stream")
@@ -152,8 +188,9 @@ def test_streaming_and_chat_pass_through():
         assert r.status_code == 200 and r.json()["model"] == r.headers["x-emdpo-adapter"]
 
 
-def test_models_health_and_metrics():
-    with client_for() as c:
+@pytest.mark.parametrize("mode", MODES)
+def test_models_health_and_metrics(mode):
+    with client_for(mode=mode) as c:
         ids = [m["id"] for m in c.get("/v1/models").json()["data"]]
         assert ids == ["ensemble", "type0", "type1"]
         assert c.get("/health").status_code == 200
@@ -161,8 +198,13 @@ def test_models_health_and_metrics():
             c.post("/v1/completions", json={"model": "type0", "prompt": "x"})
         c.post("/v1/completions", json={"model": "nope", "prompt": "x"})
         text = c.get("/metrics").text
+        models = c.get("/v1/models").json()["data"]
     assert 'emdpo_requests_total{adapter="type0",endpoint="completions",status="200"} 5.0' in text
     assert 'emdpo_errors_total{reason="unknown_model"} 1.0' in text
+    assert models[0]["weights"] == WEIGHTS and [m["weight"] for m in models[1:]] == list(WEIGHTS.values())
+    if mode == "in-vllm":  # vLLM's own answers, amended: its metrics stay, its adapter fields stay
+        assert "vllm:num_requests_running 0.0" in text
+        assert models[1]["max_model_len"] == 64 and models[1]["parent"] == "ensemble"
 
 
 def test_dead_upstream_gets_a_json_5xx_at_once():
@@ -184,8 +226,9 @@ def test_unreachable_upstream_is_502_json():
         assert c.get("/health").status_code == 503
 
 
-def test_bad_json_is_400():
-    with client_for() as c:
+@pytest.mark.parametrize("mode", MODES)
+def test_bad_json_is_400(mode):
+    with client_for(mode=mode) as c:
         r = c.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
         assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
 
@@ -262,8 +305,9 @@ def real_client(url: str, limits: RouterLimits = RouterLimits()) -> TestClient:
     return TestClient(build_app(routing(), {n: Target(url, n) for n in WEIGHTS}, limits=limits))
 
 
-def test_body_over_the_limit_is_413_declared_or_chunked():
-    with client_for(limits=RouterLimits(max_body_bytes=100)) as c:
+@pytest.mark.parametrize("mode", MODES)
+def test_body_over_the_limit_is_413_declared_or_chunked(mode):
+    with client_for(limits=RouterLimits(max_body_bytes=100), mode=mode) as c:
         assert c.post("/v1/completions", json={"prompt": "x" * 50}).status_code == 200
         big = json.dumps({"prompt": "x" * 200}).encode()
         assert "--max-body-bytes" in one_line_error(c.post("/v1/completions", content=big), 413)
@@ -285,8 +329,9 @@ def test_body_over_the_limit_is_413_declared_or_chunked():
     (b"[" * 100_000 + b"]" * 100_000, "deeper than 8 levels"),  # past Python's recursion limit
     (b'["not", "an object"]', "must be a JSON object"),
 ])
-def test_bad_json_types_are_400(raw, message):
-    with client_for(limits=RouterLimits(max_json_depth=8)) as c:
+@pytest.mark.parametrize("mode", MODES)
+def test_bad_json_types_are_400(raw, message, mode):
+    with client_for(limits=RouterLimits(max_json_depth=8), mode=mode) as c:
         r = c.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
         assert message in one_line_error(r, 400)
         ok = {"prompt": "x", "logit_bias": [[[[[[[0]]]]]]]}  # 8 levels deep: allowed
@@ -325,17 +370,43 @@ def slow_vllm(started: threading.Event | None = None, seen_disconnect: threading
     return app
 
 
+@contextmanager
+def slow_front(mode: str, limits: RouterLimits, **events) -> Iterator[TestClient]:
+    """The mixture's front (`mode`) with the slow fake vLLM behind it."""
+    if mode == "in-vllm":
+        with TestClient(in_vllm(slow_vllm(**events), limits=limits)) as c:
+            yield c
+        return
+    with served(slow_vllm(**events)) as url, real_client(url, limits) as c:
+        yield c
+
+
+def served_front(mode: str, upstream: FastAPI, limits: RouterLimits = RouterLimits()):
+    """The mixture's front on a real loopback port (for tests that need a socket)."""
+    if mode == "in-vllm":
+        return served(in_vllm(upstream, limits=limits))
+
+    @contextmanager
+    def proxied():
+        with served(upstream) as up, served(build_app(routing(), {n: Target(up, n) for n in WEIGHTS},
+                                                      limits=limits)) as url:
+            yield url
+    return proxied()
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("trickle", [False, True])
-def test_upstream_past_the_deadline_is_504_even_while_it_trickles(trickle):
-    with served(slow_vllm()) as url, real_client(url, RouterLimits(request_timeout=1.0)) as c:
+def test_upstream_past_the_deadline_is_504_even_while_it_trickles(trickle, mode):
+    with slow_front(mode, RouterLimits(request_timeout=1.0)) as c:
         t = time.monotonic()
         r = c.post("/v1/completions", json={"model": "type0", "prompt": "x", "trickle": trickle})
         assert "--request-timeout" in one_line_error(r, 504) and time.monotonic() - t < 5
         assert r.headers["x-emdpo-adapter"] == "type0"
 
 
-def test_stream_is_cut_after_max_stream_seconds():
-    with served(slow_vllm()) as url, real_client(url, RouterLimits(max_stream_seconds=1.0)) as c:
+@pytest.mark.parametrize("mode", MODES)
+def test_stream_is_cut_after_max_stream_seconds(mode):
+    with slow_front(mode, RouterLimits(max_stream_seconds=1.0)) as c:
         t = time.monotonic()
         with c.stream("POST", "/v1/completions", json={"model": "type1", "prompt": "x", "stream": True}) as r:
             assert r.status_code == 200  # the status line went out before the cap
@@ -345,10 +416,9 @@ def test_stream_is_cut_after_max_stream_seconds():
         assert last["error"]["code"] == 504 and "--max-stream-seconds" in last["error"]["message"]
 
 
-def test_slow_request_body_is_408():
-    router = build_app(routing(), {n: Target("http://127.0.0.1:9", n) for n in WEIGHTS},
-                       limits=RouterLimits(request_timeout=1.0))
-    with served(router) as url:
+@pytest.mark.parametrize("mode", MODES)
+def test_slow_request_body_is_408(mode):
+    with served_front(mode, fake_vllm(), RouterLimits(request_timeout=1.0)) as url:
         port = int(url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             s.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
@@ -357,18 +427,17 @@ def test_slow_request_body_is_408():
     assert head.startswith("HTTP/1.1 408") and "--request-timeout" in head
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("stream", [False, True])
-def test_client_disconnect_cancels_the_upstream_request(stream):
+def test_client_disconnect_cancels_the_upstream_request(stream, mode):
     started, seen_disconnect = threading.Event(), threading.Event()
-    with served(slow_vllm(started, seen_disconnect)) as upstream:
-        router = build_app(routing(), {n: Target(upstream, n) for n in WEIGHTS})
-        with served(router) as url:
-            body = json.dumps({"model": "type0", "prompt": "x", "stream": stream}).encode()
-            with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=5) as s:
-                s.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                          b"content-length: %d\r\n\r\n%s" % (len(body), body))
-                assert started.wait(5)
-            assert seen_disconnect.wait(5), "the router kept its upstream request after the client left"
+    with served_front(mode, slow_vllm(started, seen_disconnect)) as url:
+        body = json.dumps({"model": "type0", "prompt": "x", "stream": stream}).encode()
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=5) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                      b"content-length: %d\r\n\r\n%s" % (len(body), body))
+            assert started.wait(5)
+        assert seen_disconnect.wait(5), "the router kept its upstream request after the client left"
 
 
 def test_a_pooled_connection_closed_as_it_is_reused_is_retried_once():
@@ -548,40 +617,114 @@ def test_router_under_load_answers_everything_without_growing_and_5xx_when_vllm_
     assert time.monotonic() - t0 < 60
 
 
-@pytest.mark.timeout(120)
-def test_sigterm_stops_the_router_and_a_live_vllm(tmp_path):
-    """uvicorn drains on SIGTERM and then re-raises the signal; `serve` must still stop vLLM's
-    process group (it once died of the re-raised signal and left vLLM running)."""
-    psutil = pytest.importorskip("psutil")
-    path = _adapter_folders(tmp_path, rank=8)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, str(LOAD_WORKER), "serve", str(path), str(port)],
+def serve_process(path: Path, port: int, mode: str) -> subprocess.Popen:
+    """`serve` (--router `mode`) in a process of its own, with the fake vLLM in vLLM's place."""
+    return subprocess.Popen([sys.executable, str(LOAD_WORKER), "serve", str(path), str(port), mode],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+
+def wait_healthy(proc: subprocess.Popen, url: str) -> None:
+    """Until `serve` says it serves (with the routing inside vLLM, vLLM's port answers before that)."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "healthy after" in line:
+            assert httpx.get(url + "/health", timeout=5).status_code == 200
+            return
+    raise AssertionError(f"serve exited before it was healthy: {''.join(seen)}")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", MODES)
+def test_sigterm_stops_the_router_and_a_live_vllm(tmp_path, mode):
+    """uvicorn drains on SIGTERM and then re-raises the signal; `serve` must still stop vLLM's
+    process group (it once died of the re-raised signal and left vLLM running). With the
+    routing inside vLLM, `serve` supervises vLLM alone, and the same holds."""
+    psutil = pytest.importorskip("psutil")
+    path = _adapter_folders(tmp_path, rank=8)
+    port = free_loopback_port()
+    proc = serve_process(path, port, mode)
     try:
-        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 90
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        assert httpx.post(url + "/v1/completions", json={"prompt": "x"}, timeout=10).status_code == 200
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(proc, url)
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x"}, timeout=10)
+        assert r.status_code == 200 and r.headers["x-emdpo-adapter"] in WEIGHTS
         fake_vllm_pids = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
         assert fake_vllm_pids
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         out = proc.stdout.read()
-        assert "router and vLLM stopped" in out, out
+        assert out.splitlines()[-1] == ("router and vLLM stopped" if mode == "proxy" else "vLLM stopped"), out
         left = [p for p in fake_vllm_pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
         assert left == [], f"vLLM processes left behind: {left}"
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.timeout(120)
+def test_in_vllm_serve_exits_when_vllm_dies(tmp_path):
+    """No router is left to answer 503s when vLLM routes itself: `serve` must notice vLLM's death,
+    say so with vLLM's last log lines, and exit non-zero (so a supervisor restarts it)."""
+    path = _adapter_folders(tmp_path, rank=8)
+    port = free_loopback_port()
+    proc = serve_process(path, port, "in-vllm")
+    try:
+        wait_healthy(proc, f"http://127.0.0.1:{port}")
+        vllm = psutil_children(proc.pid)
+        os.killpg(os.getpgid(vllm[0]), signal.SIGKILL)
+        t = time.monotonic()
+        assert proc.wait(timeout=30) == 1 and time.monotonic() - t < 5
+        out = proc.stdout.read()
+        assert "vLLM exited with code -9; last lines of" in out and "vLLM stopped" in out, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def psutil_children(pid: int) -> list[int]:
+    psutil = pytest.importorskip("psutil")
+    return [p.pid for p in psutil.Process(pid).children()]
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_router_mode_options_are_checked(tmp_path, capsys):
+    from emdpo_plugin.cli import main
+
+    path = _adapter_folders(tmp_path, rank=8)
+    assert main(["serve", str(path), "--router", "in-vllm", "--vllm-port", "9000"]) == 2
+    assert "--vllm-port: there is no separate router with --router in-vllm" in capsys.readouterr().err
+    assert main(["serve", str(path), "--router-cpus", "0"]) == 2  # auto is in-vllm for a LoRA ensemble
+    assert "--router-cpus: there is no separate router" in capsys.readouterr().err
+    full = routing().model_copy(update={"adapter_type": "full"})
+    from emdpo_plugin.export.routing import write_routing
+    write_routing(path, full)
+    assert main(["serve", str(path), "--router", "in-vllm"]) == 2
+    assert "types are full models: use --router proxy" in capsys.readouterr().err
+
+
+def test_in_vllm_plan_binds_the_public_address_and_loads_the_middleware(tmp_path):
+    from emdpo_plugin.serve.in_vllm import ENV, MIDDLEWARE
+    from emdpo_plugin.serve.vllm_server import plan_servers
+
+    path = _adapter_folders(tmp_path, rank=8)
+    env = middleware_env(routing(), 3, RouterLimits(max_json_depth=9))
+    servers, _ = plan_servers(path, routing(), extra_args=[], log_dir=tmp_path, port=8123, host="0.0.0.0",
+                              middleware=env)
+    cmd = servers[0].command()
+    assert cmd[cmd.index("--middleware") + 1] == MIDDLEWARE and cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    assert servers[0].url == "http://127.0.0.1:8123"  # health checks go over loopback
+    assert json.loads(servers[0].env[ENV]) == {"base_model": "base", "weights": WEIGHTS, "seed": 3, "limits": {
+        "max_body_bytes": 4 * 2**20, "request_timeout": 600.0, "max_stream_seconds": 1800.0, "max_json_depth": 9}}
+    os.environ.pop(ENV, None)
+    with pytest.raises(Exception, match=f"needs the mixture in \\${ENV}"):
+        MixtureMiddleware(fake_vllm())
 
 
 def test_cpu_placement_options_env_and_defaults(monkeypatch, capsys):

