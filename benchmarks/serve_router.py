@@ -1,20 +1,26 @@
-"""Serving benchmark and acceptance run: `openrlhf serve ROUTING.yaml`, router vs vLLM direct.
+"""Serving benchmark and acceptance run: `openrlhf serve ROUTING.yaml`, routed vs vLLM direct.
 
-One invocation starts the real server (vLLM + router), then measures, on the same machine and
-the same warm vLLM: start-up time to healthy, requests/s and latency for sequential
-`/v1/completions` through the router (model `ensemble`) and directly to vLLM (the adapter drawn
-with the same weights client-side), and the same with `--concurrency` clients in flight, each in
-alternating blocks (router, direct, direct, router, ...) so drift hits both alike; adapter
-counts against the weights (z-scores); named-adapter and sticky-user routing; memory (RSS of the
-whole process tree); the 5xx answer time after vLLM is killed; and that SIGTERM leaves no process.
+One invocation starts the real server, then measures on the same machine: start-up time to
+healthy, requests/s and latency for sequential `/v1/completions` through `serve` (model
+`ensemble`) and directly to a vLLM that does no routing (the adapter drawn with the same weights
+client-side), and the same with `--concurrency` clients in flight, each in alternating blocks
+(routed, direct, direct, routed, ...) so drift hits both alike; adapter counts against the
+weights (z-scores); named-adapter and sticky-user routing; memory (RSS of the whole process
+tree); and that SIGTERM leaves no process.
+
+"Direct" depends on where `serve` routes (`--serve-arg=--router=...`, resolved as serve resolves
+it): with the routing inside vLLM (a LoRA ensemble's default) it is a second, stock vLLM server
+with the same adapters and settings, started by this script (the two idle in turn); behind the
+proxy router it is the router's own vLLM on its loopback port, and the JSON 5xx answer time after
+that vLLM is killed is measured too.
 
 The headline numbers are `sequential_ratio` and `concurrent<N>_ratio`: the median router block's
 requests/s over the median direct block's. Throughput on a small CPU host comes in phases
 several seconds long that hit both sides (vLLM's spinning OpenMP threads against everything
 else), so one block says little; medians over many alternating blocks do. The CPU time of the
 router process and of vLLM's process tree per request is recorded for the concurrent blocks.
-Placement options of `openrlhf serve` (`--serve-arg=--vllm-reserved-cpus=1`, ...) apply to both
-sides, since both talk to the same vLLM.
+Placement and vLLM options of `openrlhf serve` (`--serve-arg=--vllm-reserved-cpus=1`, ...) apply
+to both sides.
 
     flock /tmp/emdpo-cpu.lock .venv/bin/python benchmarks/serve_router.py runs/demo/minmax/routing.yaml \
         --out benchmarks/results/serve_router_cpu.json
@@ -32,6 +38,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -39,8 +46,10 @@ from pathlib import Path
 import httpx
 import psutil
 
+from emdpo_plugin.cli import build_parser
 from emdpo_plugin.export.routing import load_routing
-from emdpo_plugin.serve.vllm_server import free_port
+from emdpo_plugin.serve import CpuPlacement
+from emdpo_plugin.serve.vllm_server import free_port, plan_servers
 
 OPENRLHF = str(Path(sys.executable).parent / "openrlhf")
 
@@ -125,15 +134,31 @@ def main() -> int:
 
     cfg = load_routing(args.routing)
     names, weights = [a.name for a in cfg.adapters], [a.weight for a in cfg.adapters]
+    opts = build_parser().parse_args(["serve", args.routing, *args.serve_arg])
+    mode = opts.router if opts.router != "auto" else ("in-vllm" if cfg.adapter_type == "lora" else "proxy")
     vllm_port = free_port()
     router, vllm = f"http://127.0.0.1:{args.port}", f"http://127.0.0.1:{vllm_port}"
+    stock = None  # the direct side's own vLLM, when serve's vLLM routes itself
+    if mode == "in-vllm":
+        placement = CpuPlacement(vllm_cpus=opts.vllm_cpus, vllm_reserved_cpus=opts.vllm_reserved_cpus,
+                                 omp_spincount=opts.vllm_omp_spincount)
+        (stock,), _ = plan_servers(Path(args.routing), cfg, extra_args=opts.vllm_args, seed=opts.seed,
+                                   log_dir=Path(tempfile.mkdtemp(prefix="stock-vllm-")), port=vllm_port,
+                                   placement=placement)
+        stock.start()
+        stock.wait_healthy(600)
     t0 = time.monotonic()
-    proc = subprocess.Popen([OPENRLHF, "serve", args.routing, "--port", str(args.port), "--vllm-port", str(vllm_port),
-                             *args.serve_arg], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    port_args = [] if mode == "in-vllm" else ["--vllm-port", str(vllm_port)]
+    proc = subprocess.Popen([OPENRLHF, "serve", args.routing, "--port", str(args.port), *port_args, *args.serve_arg],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
-    res: dict = {"machine": machine(), "commit": commit, "routing": args.routing, "weights": dict(zip(names, weights)),
-                 "serve_args": args.serve_arg, "requests_per_side": args.requests, "max_tokens": args.max_tokens}
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           cwd=Path(__file__).parent).stdout.strip()
+    res: dict = {"machine": machine(), "commit": commit + ("+dirty" if dirty else ""), "routing": args.routing,
+                 "router": mode, "direct": "stock vLLM beside it" if stock else "the router's vLLM",
+                 "weights": dict(zip(names, weights)), "serve_args": args.serve_arg,
+                 "requests_per_side": args.requests, "max_tokens": args.max_tokens}
     try:
         while True:
             if proc.poll() is not None:
@@ -148,6 +173,19 @@ def main() -> int:
             time.sleep(0.5)
         res["startup_s"] = round(time.monotonic() - t0, 1)
         print(f"healthy after {res['startup_s']} s", flush=True)
+
+        def only(side: str | None) -> None:
+            """Two vLLMs (routed, stock) share the cores: the side not measured is stopped (SIGSTOP
+            to its process group), so neither one's idle threads or timers take the other's CPU.
+            A first run with both running gave blocks of 21-78 req/s for the same side."""
+            if not stock:
+                return
+            groups = {"router": os.getpgid(next(p for p in psutil.Process(proc.pid).children()
+                                                if "vllm.entrypoints" in " ".join(p.cmdline())).pid),
+                      "direct": os.getpgid(stock.process.pid)}
+            for name, group in groups.items():
+                os.killpg(group, signal.SIGCONT if side in (None, name) else signal.SIGSTOP)
+            time.sleep(0.05)
         rng = random.Random(0)
         lat = {"router": [], "direct": []}
         blocks = {"router": [], "direct": []}
@@ -159,9 +197,12 @@ def main() -> int:
                 k = min(args.block, args.requests - start)
                 direct_models = rng.choices(names, weights, k=k)
                 if i % 2:  # router, direct, direct, router, ...
+                    only("direct")
                     l_d, _ = timed_requests(c, vllm, direct_models, args.prompt, args.max_tokens)
+                only("router")
                 l_r, a = timed_requests(c, router, ["ensemble"] * k, args.prompt, args.max_tokens)
                 if not i % 2:
+                    only("direct")
                     l_d, _ = timed_requests(c, vllm, direct_models, args.prompt, args.max_tokens)
                 lat["router"] += l_r
                 lat["direct"] += l_d
@@ -180,14 +221,19 @@ def main() -> int:
             res["sequential_ratio"] = ratio_of_medians(blocks["router"], blocks["direct"])
 
             n_conc = args.conc_requests
-            router_pid = [proc.pid]
+            router_pid = [proc.pid]  # the supervising `serve` process alone when vLLM routes itself
             vllm_pids = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+            if stock:
+                vllm_pids += [stock.process.pid] + [p.pid for p in psutil.Process(stock.process.pid).children(recursive=True)]
             conc = {"router": [], "direct": []}
             cpu_ms = {side: {"router_process": [], "vllm_tree": []} for side in conc}
+            only("router")
             concurrent_rate(router, ["ensemble"] * 20, args.prompt, args.max_tokens, args.concurrency)  # warm
+            only("direct")
             concurrent_rate(vllm, names * 10, args.prompt, args.max_tokens, args.concurrency)
             for i in range(args.conc_rounds):  # router, direct, direct, router, ...
                 for side in (("router", "direct") if i % 2 == 0 else ("direct", "router")):
+                    only(side)
                     models = ["ensemble"] * n_conc if side == "router" else rng.choices(names, weights, k=n_conc)
                     c_r, c_v = cpu_seconds(router_pid), cpu_seconds(vllm_pids)
                     conc[side].append(concurrent_rate(router if side == "router" else vllm, models, args.prompt,
@@ -225,16 +271,18 @@ def main() -> int:
             metrics = c.get(router + "/metrics").text
             res["metrics_lines"] = [line for line in metrics.splitlines() if line.startswith("emdpo_requests_total")]
 
-            # kill vLLM (its whole process group): the next request must fail fast with JSON
+            only(None)
             tree = [proc.pid] + [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
-            vllm_proc = next(p for p in psutil.Process(proc.pid).children()
-                             if "vllm.entrypoints" in " ".join(p.cmdline()))
-            os.killpg(os.getpgid(vllm_proc.pid), signal.SIGKILL)
-            time.sleep(0.5)
-            t = time.perf_counter()
-            r = c.post(router + "/v1/completions", json={"model": "ensemble", "prompt": "x", "max_tokens": 2}, timeout=30)
-            res["after_vllm_killed"] = {"status": r.status_code, "seconds": round(time.perf_counter() - t, 3),
-                                        "json": r.json()}
+            if mode == "proxy":  # kill vLLM (its whole process group): the next request must fail fast with JSON
+                vllm_proc = next(p for p in psutil.Process(proc.pid).children()
+                                 if "vllm.entrypoints" in " ".join(p.cmdline()))
+                os.killpg(os.getpgid(vllm_proc.pid), signal.SIGKILL)
+                time.sleep(0.5)
+                t = time.perf_counter()
+                r = c.post(router + "/v1/completions", json={"model": "ensemble", "prompt": "x", "max_tokens": 2},
+                           timeout=30)
+                res["after_vllm_killed"] = {"status": r.status_code, "seconds": round(time.perf_counter() - t, 3),
+                                            "json": r.json()}
         proc.send_signal(signal.SIGTERM)
         t = time.perf_counter()
         proc.wait(timeout=120)
@@ -243,8 +291,17 @@ def main() -> int:
         left = [p for p in tree if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
         res["processes_left_after_sigterm"] = left
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if stock:
+            os.killpg(os.getpgid(stock.process.pid), signal.SIGCONT)
+            stock.stop()
+        if proc.poll() is None:  # failed half-way: let serve stop its (perhaps stopped) vLLM
+            for child in psutil.Process(proc.pid).children():
+                os.killpg(os.getpgid(child.pid), signal.SIGCONT)
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
