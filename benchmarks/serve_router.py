@@ -156,7 +156,7 @@ def main() -> int:
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
                            cwd=Path(__file__).parent).stdout.strip()
     res: dict = {"machine": machine(), "commit": commit + ("+dirty" if dirty else ""), "routing": args.routing,
-                 "router": mode, "direct": "stock vLLM beside it" if stock else "the router's vLLM",
+                 "router_mode": mode, "direct": "stock vLLM beside it" if stock else "the router's vLLM",
                  "weights": dict(zip(names, weights)), "serve_args": args.serve_arg,
                  "requests_per_side": args.requests, "max_tokens": args.max_tokens}
     try:

@@ -2,11 +2,11 @@
 servers (full-model ensembles), or with `openrlhf serve --router proxy`.
 
 The routing decision (`mixture.Mixture`) is the one the in-vLLM middleware makes; this module
-adds what a separate process in front of vLLM needs. Failures of the
-upstream never hang a client: a dead vLLM process is answered at once with a 503, connection
-errors with a 502 and a missed deadline with a 504, all with a one-line OpenAI-style JSON body. Requests are bounded (`limits.RouterLimits`: body size, JSON depth and
-types, a total deadline, a stream cap), and a client that disconnects cancels its upstream
-request (`upstream`).
+adds what a separate process in front of vLLM needs. Failures of the upstream never hang a
+client: a dead vLLM process is answered at once with a 503, connection errors with a 502 and a
+missed deadline with a 504, all with a one-line OpenAI-style JSON body. Requests are bounded
+(`limits.RouterLimits`: body size, JSON depth and types, a total deadline, a stream cap), and a
+client that disconnects cancels its upstream request (`upstream`).
 
 The two proxied endpoints are served by a bare ASGI layer in front of the FastAPI app, and vLLM
 is reached with aiohttp: on a CPU host vLLM's OpenMP threads keep every core busy, so each
