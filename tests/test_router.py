@@ -313,6 +313,9 @@ def test_body_over_the_limit_is_413_declared_or_chunked(mode):
         assert "--max-body-bytes" in one_line_error(c.post("/v1/completions", content=big), 413)
         chunked = c.post("/v1/completions", content=iter([big[:60], big[60:]]))  # no content-length
         assert "--max-body-bytes" in one_line_error(chunked, 413)
+        small = json.dumps({"prompt": "y" * 20}).encode()
+        r = c.post("/v1/completions", content=iter([small[:9], small[9:]]))  # chunked, under the limit
+        assert r.status_code == 200 and r.json()["model"] == r.headers["x-emdpo-adapter"]
     assert 'emdpo_errors_total{reason="body_too_large"} 2.0' in c.get("/metrics").text
 
 

@@ -51,10 +51,10 @@ def middleware_env(cfg: RoutingConfig, seed: int, limits: RouterLimits) -> dict[
     return {ENV: json.dumps(spec)}
 
 
-def _headers(headers: list[tuple[bytes, bytes]], length: int, extra: list[tuple[bytes, bytes]] = ()) -> list:
-    """`headers` with content-length set to `length` (the body was rewritten) and `extra` added."""
-    return [(k, v) for k, v in headers if k.lower() != b"content-length"] + \
-        [(b"content-length", str(length).encode()), *extra]
+def _headers(headers: list[tuple[bytes, bytes]], length: int) -> list[tuple[bytes, bytes]]:
+    """`headers` for a body rewritten to `length` bytes: one content-length, no chunked encoding."""
+    return [(k, v) for k, v in headers if k.lower() not in (b"content-length", b"transfer-encoding")] + \
+        [(b"content-length", str(length).encode())]
 
 
 class MixtureMiddleware:
