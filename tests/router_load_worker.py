@@ -4,6 +4,8 @@
     router_load_worker.py router URL           the router in front of URL, tracing its allocations;
                                                GET /_memory answers {"traced": bytes, "rss": bytes}
                                                after a full garbage collection
+    router_load_worker.py in-vllm              the fake vLLM with the mixture middleware inside,
+                                               tracing its allocations (GET /_memory likewise)
     router_load_worker.py serve ROUTING PORT [MODE]
                                                `openrlhf serve`'s serve() (--router MODE), with the
                                                fake vLLM started in vLLM's place (its own process
@@ -52,6 +54,13 @@ def main(role: str, arg: str | None = None, port: str | None = None, mode: str =
     if role == "router":
         tracemalloc.start()
         app = memory_probe(build_app(routing(), {n: Target(upstream, n) for n in WEIGHTS}))
+    elif role == "in-vllm":
+        from emdpo_plugin.serve.in_vllm import MixtureMiddleware, middleware_env
+        from emdpo_plugin.serve.limits import RouterLimits
+
+        tracemalloc.start()
+        os.environ.update(middleware_env(routing(), 0, RouterLimits()))
+        app = memory_probe(MixtureMiddleware(fake_vllm()))
     else:
         from emdpo_plugin.serve.in_vllm import ENV, MixtureMiddleware
 

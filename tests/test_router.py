@@ -577,6 +577,28 @@ async def run_load(url: str, n: int, clients: int = 16, on_done=None) -> list[tu
     return results
 
 
+def assert_answers_all_without_growing(url: str) -> None:
+    """800 requests, every one 200; traced memory (and RSS) flat from one phase of 300 to the next."""
+    phases = []
+    for n in (200, 300, 300):  # warm-up (pool, caches, metrics' label sets), then two equal phases
+        results = asyncio.run(run_load(url, n))
+        assert [s for s, _, _ in results] == [200] * n, Counter(s for s, _, _ in results)
+        phases.append(httpx.get(url + "/_memory", timeout=10).json())
+    traced = [p["traced"] for p in phases]
+    rss = [p["rss"] for p in phases]
+    # measured: +5 KB from one phase to the next; a leak of 500 bytes a request (+150 KB) fails this
+    assert traced[2] - traced[1] < 128 * 1024, f"traced memory after each phase: {traced}"
+    assert rss[2] - rss[1] < 8 * 2**20, f"RSS after each phase: {rss}"
+
+
+@pytest.mark.timeout(120)
+def test_middleware_inside_vllm_under_load_answers_everything_without_growing():
+    """The same load against the fake vLLM with the middleware in its process: nothing the
+    middleware keeps per request (held answers, replayed bodies, label sets) may accumulate."""
+    with worker("in-vllm") as (_, url):
+        assert_answers_all_without_growing(url)
+
+
 @pytest.mark.timeout(120)
 def test_router_under_load_answers_everything_without_growing_and_5xx_when_vllm_dies():
     """800 requests from 16 clients: all 200; the router's traced memory does not grow from one
@@ -584,19 +606,7 @@ def test_router_under_load_answers_everything_without_growing_and_5xx_when_vllm_
     unanswered, each answered within 5 s (a JSON 5xx once it is gone, pooled connections or not)."""
     t0 = time.monotonic()
     with worker("upstream") as (upstream, up_url), worker("router", up_url) as (router, url):
-        def memory() -> dict:
-            return httpx.get(url + "/_memory", timeout=10).json()
-
-        phases = []
-        for n in (200, 300, 300):  # warm-up (pool, caches, metrics' label sets), then two equal phases
-            results = asyncio.run(run_load(url, n))
-            assert [s for s, _, _ in results] == [200] * n, Counter(s for s, _, _ in results)
-            phases.append(memory())
-        traced = [p["traced"] for p in phases]
-        rss = [p["rss"] for p in phases]
-        # measured: +5 KB from one phase to the next; a leak of 500 bytes a request (+150 KB) fails this
-        assert traced[2] - traced[1] < 128 * 1024, f"traced memory after each phase: {traced}"
-        assert rss[2] - rss[1] < 8 * 2**20, f"RSS after each phase: {rss}"
+        assert_answers_all_without_growing(url)
 
         killed = []
 
