@@ -76,17 +76,29 @@ import json, sys, time
 from emdpo_plugin.host.compat import apply_cpu_compat
 from emdpo_plugin.host.args import make_args
 apply_cpu_compat()
+import torch
 from openrlhf.cli.train_dpo import train
+from openrlhf.trainer.dpo_trainer import DPOTrainer
+fit = DPOTrainer.fit
+def timed_fit(self, *args, **kwargs):  # the training loop alone: no model loading, no engine set-up
+    t = time.perf_counter()
+    out = fit(self, *args, **kwargs)
+    print("STOCK_FIT_SECONDS", time.perf_counter() - t, flush=True)
+    return out
+DPOTrainer.fit = timed_fit
 cfg = json.loads(sys.argv[1])
 args = make_args(cfg)
 t = time.perf_counter()
 train(args)
 print("STOCK_SECONDS", time.perf_counter() - t)
+if torch.cuda.is_available():
+    print("STOCK_PEAK_GPU_MIB", torch.cuda.max_memory_allocated() / 2**20)
 """
 
 
-def stock_dpo(run: Path, recipe: dict[str, Any], work: Path) -> float:
-    """The host's own DPO CLI (`train`) for one epoch on the same rows, model and batch sizes."""
+def stock_dpo(run: Path, recipe: dict[str, Any], work: Path) -> dict[str, float | None]:
+    """The host's own DPO CLI (`train`) for one epoch on the same rows, model and batch sizes:
+    `seconds` (all of `train`), `fit_seconds` (its training loop) and `peak_gpu_mib` (None on CPU)."""
     from emdpo_plugin.data.io import load_dataset_dir
 
     state = json.loads((run / "run.json").read_text())
@@ -109,8 +121,13 @@ def stock_dpo(run: Path, recipe: dict[str, Any], work: Path) -> float:
     if proc.returncode != 0:
         print(proc.stderr[-3000:], file=sys.stderr)
         raise SystemExit("stock openrlhf DPO failed (stderr above)")
-    inner = [float(x.split()[1]) for x in proc.stdout.splitlines() if x.startswith("STOCK_SECONDS")]
-    return inner[0] if inner else wall
+
+    def printed(key: str) -> float | None:
+        found = [float(x.split()[1]) for x in proc.stdout.splitlines() if x.startswith(key + " ")]
+        return found[-1] if found else None
+
+    return {"seconds": printed("STOCK_SECONDS") or wall, "fit_seconds": printed("STOCK_FIT_SECONDS"),
+            "peak_gpu_mib": printed("STOCK_PEAK_GPU_MIB")}
 
 
 def main() -> None:
@@ -154,7 +171,8 @@ def main() -> None:
         "components": [o.get("cost", {}).get("seconds") for o in ems],
     }
     if not a.no_stock:
-        result["stock_dpo_s"] = stock_dpo(run, recipe, work)
+        stock = stock_dpo(run, recipe, work)
+        result["stock_dpo_s"], result["stock_dpo_fit_s"] = stock["seconds"], stock["fit_seconds"]
         result["ratio_median_vs_stock"] = statistics.median(em_s) / result["stock_dpo_s"]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -11,7 +11,10 @@ The Cluster-DPO stages are left out: their sentence embedder is not on the GPU i
 It runs the recipe twice, in one process without a launcher and under
 `torchrun --nproc_per_node 1`, and writes `gpu_check_<date>.json` into --out: per run the stage
 times, peak GPU memory per stage, M-step tokens/s, EM's ARI, the per-group accuracies, and any
-error. Nothing is downloaded.
+error. After the first run, stock OpenRLHF DPO (`openrlhf.cli.train_dpo`, single LoRA, its
+reference model run every step) trains one epoch on the same rows, model and batch sizes
+(`em_vs_dpo.stock_dpo`): `stock_dpo` holds its training-loop tokens/s and peak GPU memory, and the
+ratios against the weighted-DPO M-steps and the `em` stage (K adapters). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ DATA = {"data.config.users": 120, "data.config.pairs_per_user": 20, "data.config
 SMALL_DATA = {"data.config.users": 24, "data.config.pairs_per_user": 6, "data.config.test_size": 8,
               "stages.em.config.iterations": 2, "stages.minmax.config.prompts": 8,
               "stages.minmax_w14.config.prompts": 8, "stages.report.config.regret_prompts": 8,
-              "model.generation.max_new_tokens": 8}
+              "model.generation.max_new_tokens": 8, "model.train.lr_warmup_steps": 0}
 DROP = ("kmeans", "minmax_kmeans")  # need the sentence embedder's weights
 
 
@@ -111,12 +114,43 @@ def run(cmd: list[str], run_dir: Path, log: Path, timeout: int) -> dict:
     return result
 
 
+def against_stock(run_dir: Path, recipe: Path, work: Path, ours: dict) -> dict:
+    """Stock OpenRLHF DPO on the first run's rows and SFT model, against that run's numbers.
+
+    Tokens per second: our `dpo` stage's real (unpadded) token count for its one epoch over the
+    same rows, over the stock training loop's seconds (model loading and engine set-up excluded
+    on both sides). Memory: peak allocated GPU memory of the whole stock run against our `dpo`
+    stage (one LoRA, cached reference) and `em` stage (K adapters)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from em_vs_dpo import stock_dpo
+
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("EMDPO_TORCH_ADAM", "1")  # as `run`: no fused-Adam JIT compile on the GPU image
+    try:
+        stock = stock_dpo(run_dir, yaml.safe_load(recipe.read_text()), work)
+    except SystemExit as exc:
+        return {"error": str(exc)}
+    state = json.loads((run_dir / "run.json").read_text())["stages"]
+    dpo_fit = (state.get("dpo", {}).get("outputs") or {}).get("fit") or {}
+    out = {**stock, "tokens": dpo_fit.get("tokens")}
+    if stock["fit_seconds"] and dpo_fit.get("tokens"):
+        out["tokens_per_s"] = round(dpo_fit["tokens"] / stock["fit_seconds"], 1)
+        if ours.get("mstep_tokens_per_s"):
+            out["mstep_over_stock_tokens_per_s"] = round(ours["mstep_tokens_per_s"] / out["tokens_per_s"], 3)
+    for stage in ("dpo", "em"):
+        peak = (ours.get("stages", {}).get(stage) or {}).get("peak_gpu_mib")
+        if peak and stock["peak_gpu_mib"]:
+            out[f"{stage}_over_stock_peak_gpu_mib"] = round(peak / stock["peak_gpu_mib"], 3)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="folder for runs, logs and the result JSON")
     ap.add_argument("--size", choices=sorted(SIZES), default="1b")
     ap.add_argument("--timeout", type=int, default=300, help="seconds for the first run (the second gets 2/3)")
     ap.add_argument("--skip-launcher", action="store_true", help="only the run without a launcher")
+    ap.add_argument("--skip-stock", action="store_true", help="no stock OpenRLHF DPO comparison")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     import torch
@@ -145,6 +179,9 @@ def main() -> int:
         r = report["runs"][name]
         print(f"[gpu_check] {name}: exit {r['exit']} in {r['wall_s']} s; ARI {r.get('em_ari')}; "
               f"M-step tokens/s {r.get('mstep_tokens_per_s')}", flush=True)
+        if name == "no_launcher" and r["exit"] == 0 and not args.skip_stock:
+            report["stock_dpo"] = against_stock(plain, recipe, args.out / "stock", r)
+            print(f"[gpu_check] stock DPO: {report['stock_dpo']}", flush=True)
     path = args.out / f"gpu_check_{report['date']}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

@@ -123,6 +123,7 @@ class RunState:
         st = self.stages[name]
         st.update(status="running", config_hash=key, started=now(), ended=None, seconds=None, outputs=None,
                   error=None, fingerprint=None)
+        reset_peak_gpu()
         self.save()
 
     def mark_done(self, name: str, outputs: dict[str, Any], seconds: float) -> None:
@@ -143,14 +144,26 @@ def peak_rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def peak_gpu_mib() -> dict[str, float]:
-    """`{"peak_gpu_mib": ...}`: this process's peak CUDA allocation so far, when it used a GPU."""
+def _cuda():
+    """torch, if this process has initialised CUDA (never imports torch just to ask)."""
     import sys
 
-    torch = sys.modules.get("torch")  # never import torch just to ask
-    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
-        return {}
-    return {"peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+    torch = sys.modules.get("torch")
+    return torch if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+
+def reset_peak_gpu() -> None:
+    """Start a stage's peak from what is allocated now, so `peak_gpu_mib` is that stage's own
+    (earlier stages in the same process, e.g. a full-model SFT, would otherwise dominate it)."""
+    if (torch := _cuda()) is not None:
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gpu_mib() -> dict[str, float]:
+    """`{"peak_gpu_mib": ...}`: the peak CUDA allocation of this process since the stage began,
+    when it used a GPU (RSS, by contrast, is the process's peak so far: Linux cannot reset it)."""
+    torch = _cuda()
+    return {"peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)} if torch is not None else {}
 
 
 def _blank(trainer: str, key: str | None) -> dict[str, Any]:
