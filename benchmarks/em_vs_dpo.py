@@ -116,7 +116,10 @@ def stock_dpo(run: Path, recipe: dict[str, Any], work: Path) -> dict[str, float 
            "ds.zero_stage": m["ds"]["zero_stage"], "ds.param_dtype": m["ds"]["param_dtype"],
            "ckpt.output_dir": str(work / "stock_ckpt"), "ckpt.path": str(work / "stock_ckpt")}
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", STOCK, json.dumps(cfg)], capture_output=True, text=True, cwd=work)
+    from emdpo_plugin.dist import single_process_env
+
+    proc = subprocess.run([sys.executable, "-c", STOCK, json.dumps(cfg)], capture_output=True, text=True, cwd=work,
+                          env=single_process_env())
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         print(proc.stderr[-3000:], file=sys.stderr)

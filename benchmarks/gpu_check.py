@@ -75,7 +75,9 @@ def derive_recipe(size: str, out: Path, sft_model: Path | None = None) -> Path:
 
 def run(cmd: list[str], run_dir: Path, log: Path, timeout: int) -> dict:
     """One run of the recipe; its summary from run.json and report/metrics.json."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    from emdpo_plugin.dist import single_process_env
+
+    env = single_process_env()
     # torch AdamW: DeepSpeed's fused Adam would JIT-compile with nvcc (minutes, and fails on "9.0a")
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", EMDPO_TORCH_ADAM="1")
     t0 = time.perf_counter()

@@ -60,6 +60,17 @@ def launched() -> bool:
     return _env_int("WORLD_SIZE", 1) > 1
 
 
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "GROUP_RANK", "ROLE_RANK", "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "ROLE_NAME")
+
+
+def single_process_env() -> dict[str, str]:
+    """This process's environment for a child that runs on its own: without a launcher's
+    variables, or the MASTER_PORT of a process group this process already holds (the child
+    would wait on torchrun's store, or fail to bind the port)."""
+    return {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("TORCHELASTIC_")}
+
+
 def init_distributed() -> None:
     """Join the launcher's process group (NCCL on GPU, gloo on CPU) and make the control group.
 

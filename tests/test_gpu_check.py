@@ -25,6 +25,7 @@ def test_gpu_check_runs_the_recipe_and_stock_dpo_at_tiny_size(tmp_path: Path):
     assert run["exit"] == 0 and run["mstep_tokens_per_s"] > 0
     assert {"dpo", "em", "minmax", "report"} <= set(run["stages"])
     stock = report["stock_dpo"]
+    assert "error" not in stock, proc.stderr[-3000:]
     assert stock["fit_seconds"] > 0 and stock["tokens"] > 0 and stock["tokens_per_s"] > 0
     assert stock["mstep_over_stock_tokens_per_s"] == pytest.approx(run["mstep_tokens_per_s"] / stock["tokens_per_s"],
                                                                     rel=0.01)

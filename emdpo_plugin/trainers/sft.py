@@ -91,10 +91,7 @@ def _build_in_child(texts: list[str], out_dir: Path, kwargs: dict[str, Any]) -> 
 
     from ..errors import EmdpoError
 
-    env = {k: v for k, v in os.environ.items()  # torchrun's agent-store variables would make it wait on the store
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                        "GROUP_RANK", "ROLE_RANK", "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "ROLE_NAME")
-           and not k.startswith("TORCHELASTIC_")}
+    env = dist.single_process_env()  # torchrun's agent-store variables would make it wait on the store
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump({"texts": texts, "out_dir": str(out_dir), "kwargs": kwargs}, fh)
     code = ("import json, sys; from pathlib import Path; from emdpo_plugin.models.tiny import build_tiny_lm; "
