@@ -32,7 +32,7 @@ from starlette.requests import Request
 
 from ..errors import EmdpoError
 from ..export.routing import RoutingConfig
-from .limits import RequestError, RouterLimits, parse_request, read_body
+from .limits import RequestError, RouterLimits, accept, encode_request
 from .mixture import HEADER, PROXIED, Mixture, error_body
 from .upstream import error_event
 
@@ -91,20 +91,13 @@ class MixtureMiddleware:
         endpoint = scope["path"].rsplit("/", 1)[-1]
         start = anyio.current_time()
         try:
-            with anyio.fail_after(limits.request_timeout):
-                raw = await read_body(Request(scope, receive), limits.max_body_bytes)
-            body = parse_request(raw, limits.max_json_depth)
+            body = await accept(Request(scope, receive), limits)
             name = mixture.pick(body)
-        except TimeoutError:
-            mixture.errors.labels("body_timeout").inc()
-            return await self._reply(send, 408, error_body(
-                408, f"request body not received within --request-timeout ({limits.request_timeout:g} s)",
-                "RequestTimeoutError"))
         except RequestError as exc:
             mixture.errors.labels(exc.reason).inc()
             return await self._reply(send, exc.status, error_body(exc.status, exc.message, exc.kind))
         body["model"] = name
-        payload = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+        payload = encode_request(body)
         tag = [(HEADER.encode(), name.encode())]
         replayed = False
 

@@ -60,6 +60,25 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+async def accept(request: Request, limits: RouterLimits) -> dict[str, Any]:
+    """The request's body, read in full within `--request-timeout` and checked (`parse_request`);
+    a `RequestError` otherwise (408 for a body that does not arrive in time)."""
+    import anyio
+
+    try:
+        with anyio.fail_after(limits.request_timeout):
+            raw = await read_body(request, limits.max_body_bytes)
+    except TimeoutError:
+        raise RequestError(408, f"request body not received within --request-timeout ({limits.request_timeout:g} s)",
+                           "RequestTimeoutError", "body_timeout") from None
+    return parse_request(raw, limits.max_json_depth)
+
+
+def encode_request(body: dict[str, Any]) -> bytes:
+    """`body` (as `parse_request` returned it, perhaps with `model` rewritten) for vLLM."""
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
 def parse_request(raw: bytes, max_depth: int) -> dict[str, Any]:
     """The body as a JSON object with finite numbers, bounded nesting and typed routing fields."""
     too_deep = RequestError(400, f"request body nests deeper than {max_depth} levels (--max-json-depth)")

@@ -20,21 +20,19 @@ is routed inside vLLM by default (`in_vllm`).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import aiohttp
-import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..export.routing import RoutingConfig
-from .limits import RequestError, RouterLimits, parse_request, read_body
+from .limits import RequestError, RouterLimits, accept, encode_request
 from .mixture import HEADER, PROXIED, Mixture, error_body
 from .upstream import ClientGone, Deadline, exchange, guarded, relay, session
 
@@ -92,13 +90,8 @@ def build_app(cfg: RoutingConfig, targets: dict[str, Target], *, seed: int = 0,
         endpoint = path.rsplit("/", 1)[-1]
         start = asyncio.get_running_loop().time()
         try:
-            with anyio.fail_after(limits.request_timeout):
-                raw = await read_body(request, limits.max_body_bytes)
-            body = parse_request(raw, limits.max_json_depth)
+            body = await accept(request, limits)
             name = mixture.pick(body)
-        except TimeoutError:
-            return fail(408, f"request body not received within --request-timeout ({limits.request_timeout:g} s)",
-                        "RequestTimeoutError", "body_timeout")
         except RequestError as exc:
             return fail(exc.status, exc.message, exc.kind, exc.reason)
         target = targets[name]
@@ -115,7 +108,7 @@ def build_app(cfg: RoutingConfig, targets: dict[str, Target], *, seed: int = 0,
                                   None)
         body["model"] = target.model
         stream = bool(body.get("stream"))
-        payload = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+        payload = encode_request(body)
         timer = latency.labels(name, endpoint).time()
         try:
             resp, content = await guarded(exchange(http(), target.url + path, payload, stream=stream, timer=timer),
