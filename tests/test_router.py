@@ -709,15 +709,14 @@ def free_loopback_port() -> int:
 
 def test_router_mode_options_are_checked(tmp_path, capsys):
     from emdpo_plugin.cli import main
+    from emdpo_plugin.export.routing import write_routing
 
     path = _adapter_folders(tmp_path, rank=8)
     assert main(["serve", str(path), "--router", "in-vllm", "--vllm-port", "9000"]) == 2
     assert "--vllm-port: there is no separate router with --router in-vllm" in capsys.readouterr().err
     assert main(["serve", str(path), "--router-cpus", "0"]) == 2  # auto is in-vllm for a LoRA ensemble
     assert "--router-cpus: there is no separate router" in capsys.readouterr().err
-    full = routing().model_copy(update={"adapter_type": "full"})
-    from emdpo_plugin.export.routing import write_routing
-    write_routing(path, full)
+    write_routing(path, routing().model_copy(update={"adapter_type": "full"}))
     assert main(["serve", str(path), "--router", "in-vllm"]) == 2
     assert "types are full models: use --router proxy" in capsys.readouterr().err
 
