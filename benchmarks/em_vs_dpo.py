@@ -53,11 +53,13 @@ def commit() -> str:
     return head + ("+dirty" if dirty else "")
 
 
-def bench_recipe(K: int, repeats: int, em_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The CPU demo recipe with its stages replaced by warm-up, then dpo / em alternating."""
+def bench_recipe(K: int, repeats: int, em_overrides: dict[str, Any] | None = None,
+                 model_overrides: list[str] | None = None) -> dict[str, Any]:
+    """The CPU demo recipe with its stages replaced by warm-up, then dpo / em alternating;
+    `model_overrides` are the loader's dotted overrides under `model.` (both arms get them)."""
     from emdpo_plugin.recipe.loader import load_recipe
 
-    recipe = load_recipe(RECIPE)
+    recipe = load_recipe(RECIPE, [f"model.{o}" for o in model_overrides or []])
     stages = {s["name"]: s for s in recipe["stages"]}
     em_config = {**stages["em"]["config"], **(em_overrides or {}), "K": K}
     out = [stages["data"], stages["sft"],
@@ -142,6 +144,8 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="work folder (default: a temporary one)")
     ap.add_argument("--em", action="append", default=[], metavar="KEY=VALUE",
                     help="override an em_dpo config key of the recipe (YAML value), e.g. --em warm_epochs=0.5")
+    ap.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a model key for both arms (dotted), e.g. --model train.optimizer_state=fresh")
     a = ap.parse_args()
     out = Path(a.out)
     if out.exists():
@@ -149,7 +153,8 @@ def main() -> None:
     started_at = commit()  # the code that runs (read before anything can change the tree)
     work = Path(a.work or tempfile.mkdtemp(prefix="em_vs_dpo_"))
     work.mkdir(parents=True, exist_ok=True)
-    recipe = bench_recipe(a.K, a.repeats, {k: yaml.safe_load(v) for k, v in (e.split("=", 1) for e in a.em)})
+    recipe = bench_recipe(a.K, a.repeats, {k: yaml.safe_load(v) for k, v in (e.split("=", 1) for e in a.em)},
+                          a.model)
     (work / "bench.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     run = work / "run"
     openrlhf = str(Path(sys.executable).parent / "openrlhf")

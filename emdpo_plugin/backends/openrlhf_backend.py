@@ -35,6 +35,7 @@ from ..host.compat import apply_cpu_compat
 from ..host.optimizer import use_torch_optimizer
 from .base import FitSchedule
 from .ref_cache import ReferenceCache, cache_file
+from .train_engine import STATE_FILE, TrainEngine
 
 FEATURE_DIM = 256  # `ref_features` width at most: enough for a linear reward mixture, small on disk
 
@@ -70,6 +71,11 @@ class TrainSpec(StrictModel):
     max_norm: float = Field(1.0, description="gradient clipping: largest global gradient norm")
     adam_betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas (optimizer: adamw)")
     weight_decay: float = Field(0.0, description="weight decay of AdamW or RMSprop")
+    optimizer_state: Literal["auto", "fresh", "carry"] = Field("auto", description=(
+        "a warm fit (EM's M-step continuing a type) starts from: carry: the type's own optimiser state "
+        "(moments, step count, fp32 master weights) from its last fit, kept in memory and saved as "
+        "optimizer.pt in EM checkpoints; fresh: a new optimiser state, as a new engine would have; "
+        "auto: carry for LoRA, fresh for full fine-tuning (whose state is twice the model per type)"))
     seed: int = Field(42, description="OpenRLHF's train.seed: the training engine's torch seed")
 
 
@@ -121,9 +127,11 @@ class OpenRLHFModelConfig(StrictModel):
 
 @dataclass
 class LMPolicy:
-    """The trainable tensors of one type policy (on CPU)."""
+    """The trainable tensors of one type policy (on CPU), and the optimiser state its last fit
+    ended with when `model.train.optimizer_state` carries it (`TrainEngine.end`)."""
 
     state: dict[str, torch.Tensor]
+    optim: dict[str, Any] | None = None
 
 
 def fit_seed(train_seed: int, desc: str, rows: np.ndarray, weights: np.ndarray, micro_batches: int,
@@ -263,6 +271,25 @@ class OpenRLHFBackend:
         self.module.to(self.device)
         self.trainable = [n for n, p in self.module.named_parameters() if p.requires_grad]
         self.base_state = self._snapshot()  # the reference (LoRA: B = 0, so adapters are the identity)
+        self.engine = TrainEngine(self.strategy, self.actor, self.module, per_fit=self.args.ds.zero_stage == 3)
+        self.carry_optimizer_state = self._carry(tr.optimizer_state)
+
+    def _carry(self, choice: str) -> bool:
+        """Whether warm fits continue their policy's optimiser state (`model.train.optimizer_state`).
+        Under ZeRO 1-3 with several processes each rank holds a partition of the state and only
+        rank 0's policy travels back to the driver, so carrying it needs one process or ZeRO 0."""
+        carry = choice == "carry" or (choice == "auto" and self.cfg.lora.rank > 0)
+        if carry and self.strategy.world_size > 1 and self.args.ds.zero_stage != 0:
+            if choice == "carry":
+                raise EmdpoError(f"model.train.optimizer_state=carry: needs ds.zero_stage 0 or one process; "
+                                 f"here ZeRO {self.args.ds.zero_stage} partitions it over "
+                                 f"{self.strategy.world_size} processes")
+            return False
+        return carry
+
+    def release_engine(self) -> None:
+        """Destroy the training engine (a stage's fits are done): its memory goes to what runs next."""
+        self.engine.release()
 
     @property
     def lora(self) -> bool:
@@ -453,7 +480,9 @@ class OpenRLHFBackend:
 
     def fit(self, policy: LMPolicy, data: ComparisonSet, weights: np.ndarray, *, warm: bool = True,
             desc: str = "", schedule: FitSchedule | None = None) -> dict[str, Any]:
-        """Weighted DPO on the rows with weight > 0 through a fresh DeepSpeed engine.
+        """Weighted DPO on the rows with weight > 0 through the backend's DeepSpeed engine
+        (`TrainEngine`: one per stage; a warm fit continues the policy's optimiser state when it is
+        carried, every other fit starts a fresh one).
 
         Budget: `schedule.steps` optimiser steps, else `schedule.epochs` passes, else
         `warm_epochs`/`max_epochs`; the micro-batch count is rounded up to whole optimiser steps
@@ -499,14 +528,14 @@ class OpenRLHFBackend:
             "lr_scheduler": sched_name, "lr_warmup_ratio": warmup / steps,
             "min_lr_ratio": tr.min_lr_ratio, "max_norm": tr.max_norm, "scheduler_steps": steps,
         }
-        self.actor.model = self.module  # a fresh DeepSpeed engine (and optimizer state) per M-step
-        t_engine = time.perf_counter()
-        actor, optim, scheduler = self.strategy.prepare((self.actor, optim_cfg))
+        carry = self.carry_optimizer_state and warm and policy.optim is not None
+        t_engine = time.perf_counter()  # the shared engine; built by the run's first fit
+        actor, optim, scheduler = self.engine.begin(optim_cfg, steps, policy.optim if carry else None,
+                                                    where=desc or "fit")
         engine_s = time.perf_counter() - t_engine
         lrs = schedule_lrs(scheduler, steps)
         if lrs is not None and max(lrs) <= 0:
-            actor.model.destroy()
-            self.actor.model = self.module
+            self.engine.end(keep=False)
             raise EmdpoError(
                 f"{desc or 'fit'}: all {steps} optimiser step(s) would run at learning rate 0 under "
                 f"model.train.lr_scheduler={sched_name!r} with {warmup} warm-up step(s) "
@@ -522,13 +551,9 @@ class OpenRLHFBackend:
         t_train = time.perf_counter()
         stats = trainer.fit(self.args, desc=desc or "M-step")
         self.stats["train_seconds"] += time.perf_counter() - t_train
-        engine = actor.model
-        self.actor.model = self.module
         policy.state = self._snapshot()
-        # the engine's ZeRO/bf16 optimizer hooks every parameter's gradient: a later engine on the same
-        # module would run these stale hooks too (seen on GPU with ZeRO-2), and its state would leak
         t_engine = time.perf_counter()
-        engine.destroy()
+        policy.optim = self.engine.end(keep=self.carry_optimizer_state)
         engine_s += time.perf_counter() - t_engine
         self.stats["engine_seconds"] += engine_s
         row_ll = None
@@ -539,7 +564,7 @@ class OpenRLHFBackend:
         lr_info = {"scheduler": sched_name, "optimizer": type(inner).__name__, "warmup_steps": warmup}
         if lrs is not None:
             lr_info.update(mean=float(np.mean(lrs)), zero_steps=int(sum(v <= 0 for v in lrs)))
-        del trainer, engine, optim, scheduler
+        del trainer, actor, optim, scheduler
         n_tokens = epochs_run * sum(r.input_ids.shape[1] for row in tokens for r in row)  # real (unpadded) tokens
         return {**stats, "rows": int(len(keep)), "epochs": epochs_run, "optimizer_steps": steps,
                 "lr": lr_info, "tokens": int(n_tokens), "seconds": time.perf_counter() - t,
@@ -597,21 +622,25 @@ class OpenRLHFBackend:
                          "minmax_ensemble stage `inputs: {dataset: <data stage>}`")
 
     def save(self, policy: LMPolicy, path: Path) -> None:
-        """A PEFT adapter folder (LoRA) or a save_pretrained model folder (full fine-tuning)."""
+        """A PEFT adapter folder (LoRA) or a save_pretrained model folder (full fine-tuning), and
+        the policy's carried optimiser state as `optimizer.pt` (EM resumes with it)."""
         self._activate(policy)
         path.mkdir(parents=True, exist_ok=True)
         self.module.save_pretrained(path)
         if not self.lora:
             self.tokenizer.save_pretrained(path)
+        if policy.optim is not None and dist.rank() == 0:
+            torch.save(policy.optim, path / STATE_FILE)
 
     def load(self, path: Path) -> LMPolicy:
         from safetensors.torch import load_file
 
+        optim = self._load_optimizer_state(path)
         if self.lora:
             from peft import set_peft_model_state_dict
 
             set_peft_model_state_dict(self.module, load_file(str(path / "adapter_model.safetensors")))
-            return LMPolicy(self._snapshot())
+            return LMPolicy(self._snapshot(), optim)
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise EmdpoError(f"{path}: no *.safetensors model files")
@@ -622,4 +651,19 @@ class OpenRLHFBackend:
         with torch.no_grad():
             for n in self.trainable:
                 params[n].copy_(state[n])
-        return LMPolicy(self._snapshot())
+        return LMPolicy(self._snapshot(), optim)
+
+    def _load_optimizer_state(self, path: Path) -> dict[str, Any] | None:
+        """`optimizer.pt` of a saved policy, when this backend carries optimiser state (tensors and
+        plain values only: loaded with `weights_only`)."""
+        file = path / STATE_FILE
+        if not self.carry_optimizer_state or not file.exists():
+            return None
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated or foreign file
+            raise EmdpoError(f"{file}: not a saved optimiser state ({type(e).__name__}: {e}); delete it to "
+                             "train on with a fresh optimiser state") from None
+        if not isinstance(state, dict) or not {"shapes", "master", "state", "group_steps"} <= set(state):
+            raise EmdpoError(f"{file}: expected keys shapes, master, state, group_steps")
+        return state

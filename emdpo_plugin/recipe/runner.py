@@ -103,6 +103,11 @@ def _drive(plan: Plan, run_dir: Path, resume: bool, backend_factory: BackendFact
             backend_cache["backend"] = build_backend()
         return backend_cache["backend"]
 
+    def release_engines() -> None:  # after each stage: a training engine's memory goes to the next stage
+        release = getattr(backend_cache.get("backend"), "release_engine", None)
+        if release is not None:
+            release()
+
     def shared_executor() -> Any:  # one executor per run (a Ray executor keeps its actors)
         if "executor" not in backend_cache:
             backend_cache["executor"] = make_executor(plan.executor, plan.recipe, run_dir)
@@ -114,7 +119,8 @@ def _drive(plan: Plan, run_dir: Path, resume: bool, backend_factory: BackendFact
                                    run_dir=run_dir) if logger.enabled else None
         tracking.set_active(tracker)
         try:
-            _run_stages(plan, state, reuse, sources, run_dir, shared_backend, shared_executor, console)
+            _run_stages(plan, state, reuse, sources, run_dir, shared_backend, shared_executor, console,
+                        release_engines)
         finally:
             tracking.set_active(None)
             if tracker is not None:
@@ -125,7 +131,8 @@ def _drive(plan: Plan, run_dir: Path, resume: bool, backend_factory: BackendFact
 
 
 def _run_stages(plan: Plan, state: RunState, reuse: set[str], sources: dict[str, Any], run_dir: Path,
-                shared_backend: Callable[[], Any], shared_executor: Callable[[], Any], console: Console) -> None:
+                shared_backend: Callable[[], Any], shared_executor: Callable[[], Any], console: Console,
+                release_engines: Callable[[], None]) -> None:
     datasets: dict[str, Any] = {}  # dataset folders loaded once per run, shared by the stages that read them
     fingerprints = {name: output_fingerprint(state.stages[name]) for name in reuse}
     for ps in plan.stages:
@@ -163,6 +170,8 @@ def _run_stages(plan: Plan, state: RunState, reuse: set[str], sources: dict[str,
             _say(console, f"[bold red]failed[/] {escape(name)} after {runlog.duration(seconds)}: "
                           f"{escape(_error_text(exc))}")
             raise
+        finally:
+            release_engines()
         seconds = time.perf_counter() - started
         if ctx._executor is not None and ctx._executor.timeline:  # when each fit ran (Ray: side by side)
             state.stages[name]["fit_timeline"] = ctx._executor.timeline[:]
