@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from .errors import EmdpoError
 
-MIRRORED = ("new_policy", "fit", "score", "ref_score", "ref_features", "sample", "load")
+MIRRORED = ("new_policy", "fit", "score", "ref_score", "ref_features", "sample", "load", "release_engine")
 _CONTROL: Any = None  # the gloo group rank 0 broadcasts calls over
 
 
@@ -214,6 +214,10 @@ class DriverBackend:
 
     def load(self, *a: Any, **k: Any) -> Any:
         return self._call("load", *a, **k)
+
+    def release_engine(self) -> None:  # every rank destroys its engine together (the next stage builds new ones)
+        if hasattr(self._local, "release_engine"):
+            self._call("release_engine")
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,7 +12,8 @@ import pytest
 
 from emdpo_plugin.backends.bandit import BanditBackend
 from emdpo_plugin.backends.base import (CAPABILITIES, PolicyBackend, SupportsExactExpectation, SupportsExactRegret,
-                                        SupportsExport, SupportsFeatures, SupportsVLLMSampling, protocol_members)
+                                        SupportsExport, SupportsFeatures, SupportsTrainingState, SupportsVLLMSampling,
+                                        protocol_members)
 from emdpo_plugin.cli import main
 from emdpo_plugin.data.manifest import read_manifest
 from emdpo_plugin.dist import MIRRORED, DriverBackend
@@ -39,7 +40,8 @@ def _vllm_only():
 
 CASES = {
     "bandit": (BanditBackend, {PolicyBackend, SupportsExactExpectation, SupportsExactRegret}),
-    "openrlhf": (_openrlhf_backend, {PolicyBackend, SupportsExport, SupportsVLLMSampling, SupportsFeatures}),
+    "openrlhf": (_openrlhf_backend, {PolicyBackend, SupportsExport, SupportsVLLMSampling, SupportsFeatures,
+                                     SupportsTrainingState}),
     "vllm_only": (_vllm_only, {SupportsVLLMSampling}),
 }
 

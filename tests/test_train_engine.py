@@ -65,7 +65,10 @@ def test_carried_optimizer_state_is_the_policys_own_and_survives_save_and_load(t
     fresh.fit(f1, data, w, warm=True, desc="t1 warm")
     assert f1.optim is None and not _states_equal(f1, q1)  # the carried state changed the warm fit
 
+    carry.save(p1, tmp_path / "exported")
+    assert not (tmp_path / "exported" / "optimizer.pt").exists()  # deployment folders hold the adapter only
     carry.save(p1, tmp_path / "p1")
+    carry.save_training_state(p1, tmp_path / "p1")
     assert (tmp_path / "p1" / "optimizer.pt").exists()
     loaded = alone.load(tmp_path / "p1")
     for backend, policy in ((carry, p1), (alone, loaded)):

@@ -142,8 +142,18 @@ class SupportsFeatures(Protocol):
         """(rows, responses, d) reference features of every response, NaN where a row has none."""
 
 
+@runtime_checkable
+class SupportsTrainingState(Protocol):
+    """Keeps per-policy training state beyond the policy's weights (the LM backend's carried
+    optimiser state), which EM checkpoints and clustering starts save so training continues
+    exactly; `load` reads it back when present. Exported folders leave it out."""
+
+    def save_training_state(self, policy: Any, path: Path) -> None:
+        """Write the policy's training state into its saved folder `path` (nothing if it has none)."""
+
+
 CAPABILITIES: tuple[type, ...] = (SupportsExport, SupportsVLLMSampling, SupportsExactExpectation, SupportsExactRegret,
-                                  SupportsFeatures)
+                                  SupportsFeatures, SupportsTrainingState)
 
 
 def protocol_members(protocol: type) -> tuple[str, ...]:

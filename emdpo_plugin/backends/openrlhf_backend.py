@@ -210,7 +210,7 @@ class OpenRLHFBackend:
         # counters a stage records (run.json): the reference cache, and where fit/score time goes
         self.stats: dict[str, float] = {"ref_rows_computed": 0, "ref_rows_cached": 0, "ref_seconds": 0.0,
                                         "train_seconds": 0.0, "engine_seconds": 0.0, "score_seconds": 0.0,
-                                        "sequences_scored": 0}
+                                        "sequences_scored": 0, "engine_builds": 0}
 
     # --- set-up -----------------------------------------------------------------------------
     def _build(self) -> None:
@@ -533,6 +533,7 @@ class OpenRLHFBackend:
         actor, optim, scheduler = self.engine.begin(optim_cfg, steps, policy.optim if carry else None,
                                                     where=desc or "fit")
         engine_s = time.perf_counter() - t_engine
+        self.stats["engine_builds"] = self.engine.builds
         lrs = schedule_lrs(scheduler, steps)
         if lrs is not None and max(lrs) <= 0:
             self.engine.end(keep=False)
@@ -622,13 +623,15 @@ class OpenRLHFBackend:
                          "minmax_ensemble stage `inputs: {dataset: <data stage>}`")
 
     def save(self, policy: LMPolicy, path: Path) -> None:
-        """A PEFT adapter folder (LoRA) or a save_pretrained model folder (full fine-tuning), and
-        the policy's carried optimiser state as `optimizer.pt` (EM resumes with it)."""
+        """A PEFT adapter folder (LoRA) or a save_pretrained model folder (full fine-tuning)."""
         self._activate(policy)
         path.mkdir(parents=True, exist_ok=True)
         self.module.save_pretrained(path)
         if not self.lora:
             self.tokenizer.save_pretrained(path)
+
+    def save_training_state(self, policy: LMPolicy, path: Path) -> None:
+        """The policy's carried optimiser state as `optimizer.pt` in its saved folder."""
         if policy.optim is not None and dist.rank() == 0:
             torch.save(policy.optim, path / STATE_FILE)
 

@@ -53,6 +53,9 @@ class Executor(Protocol):
     def loglik_many(self, backend: Any, policies: list[Any], data: ComparisonSet, ref: np.ndarray) -> np.ndarray:
         """(n, K) log-likelihood of every comparison under every policy (inference only)."""
 
+    def release_engines(self) -> None:
+        """A stage ended: training engines held for it (outside the run's own backend) are destroyed."""
+
     def close(self) -> None: ...
 
 
@@ -84,6 +87,9 @@ class LocalExecutor:
 
     def loglik_many(self, backend: Any, policies: list[Any], data: ComparisonSet, ref: np.ndarray) -> np.ndarray:
         return loglik_rows(backend, policies, data, ref)
+
+    def release_engines(self) -> None:
+        pass  # the run's backend holds the only engine; the runner releases it
 
     def close(self) -> None:
         pass

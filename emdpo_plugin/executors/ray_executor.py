@@ -103,6 +103,11 @@ class TypeWorker(BaseDistributedActor):
         stats = backend.fit(policy, data, np.array(weights), warm=warm, desc=desc, schedule=schedule)  # a writable copy (the store's is read-only)
         return (policy if self._rank == 0 else None), stats, start, time.time()  # rank 0's state is the result
 
+    def release_engine(self) -> None:
+        release = getattr(self._backend, "release_engine", None)
+        if release is not None:
+            release()
+
     def loglik(self, policies: list[Any], key: str, holder: list[Any], lo: int, hi: int,
                ref: np.ndarray) -> np.ndarray:
         data = self.dataset(key, holder)
@@ -249,6 +254,11 @@ class RayExecutor:
         except Exception as exc:  # noqa: BLE001 - Ray raises several types for a bad address
             where = f"the Ray cluster at {cfg.address!r}" if cfg.address else "a local Ray"
             raise EmdpoError(f"Ray executor: could not start {where}: {type(exc).__name__}: {exc}") from None
+
+    def release_engines(self) -> None:
+        """Every type actor destroys its training engine (a stage ended); the actors stay."""
+        refs = [a.release_engine.remote() for group in self.groups for a in group.actors]
+        self._gather(refs, [f"actor {i}" for i in range(len(refs))])
 
     def close(self) -> None:
         """Kill the actors and placement groups this executor made; stop Ray if it started it."""

@@ -66,8 +66,7 @@ def reexport(stage_dir: str | Path, out_dir: str | Path, priority: list[float], 
     out_dir.mkdir(parents=True, exist_ok=True)
     src_dirs = adapter_dirs(stage_dir / "routing.yaml", source)
     for a in source.adapters:
-        shutil.copytree(src_dirs[a.name], out_dir / "adapters" / a.name, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("optimizer.pt"))  # training state, not the adapter
+        shutil.copytree(src_dirs[a.name], out_dir / "adapters" / a.name, dirs_exist_ok=True)
     entries = mixture_entries([a.name for a in source.adapters], hedge.weights)
     meta = {**source.meta, "priority": [float(c) for c in priority], "reexported_from": str(stage_dir),
             "created_by": f"emdpo_plugin {__version__}"}

@@ -103,10 +103,12 @@ def _drive(plan: Plan, run_dir: Path, resume: bool, backend_factory: BackendFact
             backend_cache["backend"] = build_backend()
         return backend_cache["backend"]
 
-    def release_engines() -> None:  # after each stage: a training engine's memory goes to the next stage
+    def release_engines() -> None:  # after each stage: training engines' memory goes to the next stage
         release = getattr(backend_cache.get("backend"), "release_engine", None)
         if release is not None:
             release()
+        if "executor" in backend_cache:
+            backend_cache["executor"].release_engines()
 
     def shared_executor() -> Any:  # one executor per run (a Ray executor keeps its actors)
         if "executor" not in backend_cache:

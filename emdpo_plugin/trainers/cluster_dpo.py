@@ -15,6 +15,7 @@ from pydantic import Field
 from sklearn.cluster import KMeans
 
 from ..artifacts import Slot
+from ..backends.base import SupportsTrainingState
 from ..errors import EmdpoError
 from ..executors import FitJob
 from .base import StageConfig, StageContext, Trainer, seed_field
@@ -78,6 +79,8 @@ class ClusterDPOStage(Trainer):
         seen = {}
         for k, (job, fit) in enumerate(zip(jobs, fits)):
             backend.save(job.policy, out / f"type{k}")
+            if isinstance(backend, SupportsTrainingState):  # an EM started from these types continues them
+                backend.save_training_state(job.policy, out / f"type{k}")
             names[f"{ctx.stage_name}/type{k}"] = rel_path(ctx, out / f"type{k}")
             seen[f"{ctx.stage_name}/type{k}"] = float(fit.get("epochs", 0.0))  # passes over its cluster's rows
         clustering = {"annotator_ids": data.annotator_ids, "responsibilities": resp.tolist(),

@@ -72,7 +72,7 @@ from ..algorithms.em import (annotator_loglik, comparison_weights, dirichlet_res
 from ..algorithms.likelihood import comparison_loglik
 from ..algorithms.metrics import clustering_scores
 from ..artifacts import Slot
-from ..backends.base import FitSchedule
+from ..backends.base import FitSchedule, SupportsTrainingState
 from ..data.schema import ComparisonSet
 from ..errors import RecipeError
 from ..executors import Executor, FitJob, LocalExecutor
@@ -307,6 +307,8 @@ class _Checkpoint:
         self.tmp.mkdir(parents=True)
         for k, p in enumerate(policies):
             backend.save(p, self.tmp / f"type{k}")
+            if isinstance(backend, SupportsTrainingState):  # a resumed run continues each type's optimiser
+                backend.save_training_state(p, self.tmp / f"type{k}")
         np.save(self.tmp / "comparison_ll.npy", comparison_ll)
         np.save(self.tmp / "passes.npy", passes)
         (self.tmp / "state.json").write_text(json.dumps({**state, "fingerprint": self.fingerprint}))
