@@ -98,3 +98,9 @@ def test_cpu_recipe_runs_every_stage_and_exports(tmp_path):
     figures = {p.name for p in (out / "report").glob("*.png")}
     assert {"accuracy_after_clustering.png", "margin_after_aggregation.png", "regret_after_aggregation.png"} <= figures
     assert m["timings_s"]["em"] > 0
+    # one DeepSpeed engine per training stage, however many fits (EM: K x iterations), released after it
+    order = list(run["stages"])
+    trained_before = {"dpo", "kmeans", "oracle"} & set(order[:order.index("em")])
+    assert run["stages"]["em"]["outputs"]["backend_stats"]["engine_builds"] == len(trained_before) + 1
+    # LoRA carries each type's optimiser state: in EM checkpoints (resume), not in exported adapters
+    assert list((out / "em").rglob("optimizer.pt")) and not list((out / "minmax").rglob("optimizer.pt"))
