@@ -41,7 +41,8 @@ SMALL = ["data.config.users=24", "data.config.pairs_per_user=6", "data.config.te
          "stages.em.config.iterations=2", "stages.minmax.config.prompts=8",
          "stages.minmax.config.steps=2000", "stages.report.config.regret_prompts=8",
          "model.generation.max_new_tokens=8",
-         "model.lora.dropout=0.1"]  # randomness in every fit, which a resumed process must draw alike
+         "model.lora.dropout=0.1",  # randomness in every fit, which a resumed process must draw alike
+         "model.train.optimizer_state=carry"]  # each type's Adam state, which a resumed process must restore
 STAGES = ("data", "sft", "dpo", "em", "minmax", "oracle", "report")
 MEASURED = {"timings_s", "peak_rss_mib"}  # wall-clock seconds and memory: the host's, not the result's
 TOL = 1e-6
@@ -135,6 +136,7 @@ def test_kill_inside_an_em_m_step_resumes_from_the_last_finished_iteration(recip
     assert state["stages"]["em"]["status"] == "running" and state["stages"]["dpo"]["status"] == "done"
     ckpt = json.loads((out / "em" / "restarts" / "r0" / "state.json").read_text())
     assert ckpt["iteration"] == 1 and not ckpt["done"]
+    assert (out / "em" / "restarts" / "r0" / "type0" / "optimizer.pt").exists()  # the carried state
     assert run(recipe, out) == 0
     assert json.loads((out / "em" / "clustering.json").read_text())["resumed_from_iteration"] == [1]
     assert_finished_like(out, baseline)

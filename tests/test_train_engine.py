@@ -49,8 +49,7 @@ def test_a_fit_on_the_shared_engine_is_the_fit_of_a_new_engine(tiny_model, tmp_p
 
 def test_carried_optimizer_state_is_the_policys_own_and_survives_save_and_load(tiny_model, tmp_path):
     data, w = _pairs(), np.ones(32)
-    carry = _backend(tiny_model, tmp_path / "a", lora={"rank": 8}, train={"optimizer_state": "auto"})
-    assert carry.carry_optimizer_state  # auto: carried for LoRA
+    carry = _backend(tiny_model, tmp_path / "a", lora={"rank": 8}, train={"optimizer_state": "carry"})
     p1, p2 = _run(carry, data)  # p2's fit ran between p1's two fits on the same engine
     alone = _backend(tiny_model, tmp_path / "b", lora={"rank": 8}, train={"optimizer_state": "carry"})
     q1 = alone.new_policy(1)
@@ -59,7 +58,7 @@ def test_carried_optimizer_state_is_the_policys_own_and_survives_save_and_load(t
     assert _states_equal(p1, q1)  # nothing of p2's state reached p1
     assert int(p1.optim["state"][0]["step"]) == 8  # two fits of 4 steps: its own count, not the engine's 12
 
-    fresh = _backend(tiny_model, tmp_path / "c", lora={"rank": 8}, train={"optimizer_state": "fresh"})
+    fresh = _backend(tiny_model, tmp_path / "c", lora={"rank": 8})  # the default
     f1 = fresh.new_policy(1)
     fresh.fit(f1, data, w, warm=False, desc="t1")
     fresh.fit(f1, data, w, warm=True, desc="t1 warm")
@@ -81,8 +80,11 @@ def test_carried_optimizer_state_is_the_policys_own_and_survives_save_and_load(t
     assert fresh.load(tmp_path / "p1").optim is None  # a backend that does not carry state ignores the file
 
 
-def test_full_fine_tuning_does_not_carry_by_default(tiny_model, tmp_path):
-    full = _backend(tiny_model, tmp_path, lora={"rank": 0})
-    assert not full.carry_optimizer_state
-    p1, _ = _run(full, _pairs(), warm_twice=False)
-    assert p1.optim is None and full.engine.builds == 1
+def test_full_fine_tuning_carries_its_state_too(tiny_model, tmp_path):
+    data, w = _pairs(), np.ones(32)
+    full = _backend(tiny_model, tmp_path, lora={"rank": 0}, train={"optimizer_state": "carry"})
+    p1, _ = _run(full, data, warm_twice=False)
+    assert p1.optim is not None and full.engine.builds == 1
+    before = {n: t.clone() for n, t in p1.state.items()}
+    full.fit(p1, data, w, warm=True)
+    assert any(not torch.equal(before[n], p1.state[n]) for n in before)

@@ -71,11 +71,12 @@ class TrainSpec(StrictModel):
     max_norm: float = Field(1.0, description="gradient clipping: largest global gradient norm")
     adam_betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas (optimizer: adamw)")
     weight_decay: float = Field(0.0, description="weight decay of AdamW or RMSprop")
-    optimizer_state: Literal["auto", "fresh", "carry"] = Field("auto", description=(
-        "a warm fit (EM's M-step continuing a type) starts from: carry: the type's own optimiser state "
-        "(moments, step count, fp32 master weights) from its last fit, kept in memory and saved as "
-        "optimizer.pt in EM checkpoints; fresh: a new optimiser state, as a new engine would have; "
-        "auto: carry for LoRA, fresh for full fine-tuning (whose state is twice the model per type)"))
+    optimizer_state: Literal["fresh", "carry"] = Field("fresh", description=(
+        "where a warm fit (EM's M-step continuing a type) starts: fresh: a new optimiser state, as a new "
+        "engine would have (each M-step a weighted DPO run, as the paper); carry: the type's own optimiser "
+        "state (moments, step count, fp32 master weights) from its last fit, kept in memory (twice the "
+        "trainable weights per type) and saved as optimizer.pt in EM checkpoints. Chosen on the CPU "
+        "recipe's validation split: fresh (docs/pipeline.md)"))
     seed: int = Field(42, description="OpenRLHF's train.seed: the training engine's torch seed")
 
 
@@ -278,14 +279,11 @@ class OpenRLHFBackend:
         """Whether warm fits continue their policy's optimiser state (`model.train.optimizer_state`).
         Under ZeRO 1-3 with several processes each rank holds a partition of the state and only
         rank 0's policy travels back to the driver, so carrying it needs one process or ZeRO 0."""
-        carry = choice == "carry" or (choice == "auto" and self.cfg.lora.rank > 0)
-        if carry and self.strategy.world_size > 1 and self.args.ds.zero_stage != 0:
-            if choice == "carry":
-                raise EmdpoError(f"model.train.optimizer_state=carry: needs ds.zero_stage 0 or one process; "
-                                 f"here ZeRO {self.args.ds.zero_stage} partitions it over "
-                                 f"{self.strategy.world_size} processes")
-            return False
-        return carry
+        if choice == "carry" and self.strategy.world_size > 1 and self.args.ds.zero_stage != 0:
+            raise EmdpoError(f"model.train.optimizer_state=carry: needs ds.zero_stage 0 or one process; here "
+                             f"ZeRO {self.args.ds.zero_stage} partitions the state over {self.strategy.world_size} "
+                             "processes (use fresh)")
+        return choice == "carry"
 
     def release_engine(self) -> None:
         """Destroy the training engine (a stage's fits are done): its memory goes to what runs next."""
