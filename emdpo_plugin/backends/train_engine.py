@@ -40,6 +40,15 @@ def _inner_params(optimizer: Any) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
+def _set_group_steps(optimizer: Any, steps: list[Any]) -> None:
+    """Step counts some optimisers keep per param group (DeepSpeed's FusedAdam) rather than per tensor."""
+    for group, step in zip(optimizer.param_groups, steps):
+        if step is None:
+            group.pop("step", None)
+        else:
+            group["step"] = step.clone() if torch.is_tensor(step) else step
+
+
 class TrainEngine:
     """A DeepSpeed engine over the backend's model, built on first use, reused by every fit."""
 
@@ -61,7 +70,8 @@ class TrainEngine:
         inner = self.engine.basic_optimizer
         self._template = [{k: (v.clone() if (not torch.is_tensor(v) or v.numel() == 1 or bool(v.any())) else _ZERO)
                            for k, v in inner.state.get(p, {}).items()} for p in _inner_params(inner)]
-        self._group_steps = [g.get("step") for g in inner.param_groups]
+        self._group_steps = [g["step"].clone() if torch.is_tensor(g.get("step")) else g.get("step")
+                             for g in inner.param_groups]
 
     def begin(self, optim_cfg: dict[str, Any], steps: int, state: dict[str, Any] | None, where: str) -> tuple[Any, Any, Any]:
         """The engine (inside the actor), optimiser and a new scheduler for a fit of `steps` optimiser
@@ -114,11 +124,7 @@ class TrainEngine:
                     current[k].copy_(v)
                 else:
                     current[k] = v.clone() if torch.is_tensor(v) else v
-        for group, step in zip(inner.param_groups, self._group_steps):
-            if step is None:
-                group.pop("step", None)
-            else:
-                group["step"] = step
+        _set_group_steps(inner, self._group_steps)
 
     def end(self, keep: bool) -> dict[str, Any] | None:
         """Back to the plain module after a fit; with `keep`, the optimiser state (fp32 masters,
@@ -159,11 +165,7 @@ class TrainEngine:
                 continue
             current = inner.state.get(p, {})
             inner.state[p] = {k: self._placed(v, current.get(k), p, on_device[id(p)]) for k, v in saved.items()}
-        for group, step in zip(inner.param_groups, state["group_steps"]):
-            if step is None:
-                group.pop("step", None)
-            else:
-                group["step"] = step.clone() if torch.is_tensor(step) else step
+        _set_group_steps(inner, state["group_steps"])
 
     @staticmethod
     def _placed(saved: Any, current: Any, param: torch.Tensor, scalars_on_device: bool) -> Any:
