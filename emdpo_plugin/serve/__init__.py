@@ -83,7 +83,7 @@ def _run(servers: list, startup_timeout: float, serving: Callable[[float], int],
     """Start `servers` and wait until they are healthy, then return `serving(seconds it took)`.
     SIGTERM or SIGINT ends it with 0 (143 during start-up); every server is stopped however it ends."""
     # Kept while uvicorn serves: uvicorn drains on a signal, restores this handler and re-raises
-    # it, so `_Stop` ends uvicorn.run and the clean-up below runs (with the default handler
+    # it, so `_Stop` ends the uvicorn server and the clean-up below runs (with the default handler
     # restored, the re-raised SIGTERM would kill this process and orphan vLLM).
     handled = (signal.SIGTERM, signal.SIGINT)
     old = {sig: signal.signal(sig, _on_term) for sig in handled}
@@ -135,16 +135,29 @@ def _proxy(servers, where, cfg, *, host: str, port: int, seed: int, startup_time
 
     from .router import Target, build_app
 
+    class AnnouncingServer(uvicorn.Server):
+        """Prints its line only once the router listens: a client that waits for "healthy" (a
+        supervisor, a test) must not find the port still closed."""
+
+        def __init__(self, config: uvicorn.Config, line: str) -> None:
+            super().__init__(config)
+            self.line = line
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                print(self.line, flush=True)
+
     def serving(seconds: float) -> int:
         targets = {name: Target(server.url, model, server.alive) for name, (server, model) in where.items()}
         app = build_app(cfg, targets, seed=seed, limits=limits)
         if router_cpus:  # after vLLM started, so that vLLM does not inherit the mask
             pin_process(router_cpus)
-        print(f"vLLM healthy after {seconds:.1f} s; router on http://{host}:{port} "
-              f"(model 'ensemble': {_weights(cfg)}){placement.describe()}", flush=True)
         # no access log and no X-Forwarded-* rewriting: per-request work the router has no use for
-        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, proxy_headers=False,
-                    timeout_graceful_shutdown=10)
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                proxy_headers=False, timeout_graceful_shutdown=10)
+        AnnouncingServer(config, f"vLLM healthy after {seconds:.1f} s; router on http://{host}:{port} "
+                                 f"(model 'ensemble': {_weights(cfg)}){placement.describe()}").run()
         return 0
 
     return _run(servers, startup_timeout, serving, "router and vLLM stopped")
