@@ -10,6 +10,7 @@
                                                `openrlhf serve`'s serve() (--router MODE), with the
                                                fake vLLM started in vLLM's place (its own process
                                                group; with the middleware when serve asks for it)
+                                               and a router that starts listening 1 s late
 
 upstream and router bind a free loopback port (or PORT) and print it as their first line."""
 
@@ -43,12 +44,29 @@ def memory_probe(app):
     return probed
 
 
+def slow_router_start(seconds: float = 1.0) -> None:
+    """The router's uvicorn takes `seconds` to start listening, as on a loaded machine: `serve`
+    must still not say "healthy" before a client can connect."""
+    import asyncio
+
+    import uvicorn
+
+    startup = uvicorn.Server.startup
+
+    async def slow_startup(self, sockets=None):
+        await asyncio.sleep(seconds)
+        await startup(self, sockets)
+
+    uvicorn.Server.startup = slow_startup
+
+
 def main(role: str, arg: str | None = None, port: str | None = None, mode: str = "auto") -> None:
     if role == "serve":
         from emdpo_plugin.serve import serve
         from emdpo_plugin.serve.vllm_server import VLLMServer
 
         VLLMServer.command = lambda self: [sys.executable, __file__, "upstream", str(self.port)]
+        slow_router_start()
         sys.exit(serve(arg, port=int(port), startup_timeout=60, router=mode))
     upstream = arg
     if role == "router":
